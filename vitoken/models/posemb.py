@@ -1,0 +1,43 @@
+"""Position embeddings: fixed 2-D sin-cos and resizing learned ones to a new patch grid."""
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def sincos_2d(grid: Tuple[int, int], width: int, temperature: float = 10_000.0, dtype=jnp.float32):
+  """MoCo-v3 / big_vision fixed embedding: [1, h*w, width] of (sin x, cos x, sin y, cos y)."""
+  h, w = grid
+  if width % 4:
+    raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
+  y, x = np.mgrid[:h, :w]
+  omega = np.arange(width // 4) / (width // 4 - 1)
+  omega = 1.0 / (temperature ** omega)
+  y = np.einsum("m,d->md", y.flatten(), omega)
+  x = np.einsum("m,d->md", x.flatten(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)[None]
+
+
+def resize_posemb(posemb, old_grid: Tuple[int, int], new_grid: Tuple[int, int], *,
+                  num_prefix: int = 0, method: str = "bilinear"):
+  """Resamples a learned [1, num_prefix + gh*gw, C] embedding to a new patch grid.
+
+  Prefix entries (class/register positions) are kept as they are.
+  """
+  posemb = jnp.asarray(posemb)
+  old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+  expected = num_prefix + old_grid[0] * old_grid[1]
+  if posemb.ndim != 3 or posemb.shape[0] != 1 or posemb.shape[1] != expected:
+    raise ValueError(f"position embedding of shape {tuple(posemb.shape)} does not match a "
+                     f"{old_grid[0]}x{old_grid[1]} grid with {num_prefix} prefix positions "
+                     f"(expected [1, {expected}, C])")
+  if old_grid == new_grid:
+    return posemb
+  prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]
+  grid = grid.reshape(old_grid + (-1,))
+  grid = jax.image.resize(grid.astype(jnp.float32), new_grid + grid.shape[-1:], method=method,
+                          antialias=True)
+  grid = grid.reshape((1, new_grid[0] * new_grid[1], -1)).astype(posemb.dtype)
+  return jnp.concatenate([prefix, grid], axis=1)

@@ -39,6 +39,7 @@ _EXTRAS = {
         "ipykernel>=6.29",
     ],
     "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
+    "gpu-cuda13": ["jax[cuda13]>=0.10.0,<0.12"],
 }
 
 setuptools.setup(

@@ -37,6 +37,7 @@ _EXTRAS = {
         "nbclient>=0.10",
         "nbformat>=5.9",
         "ipykernel>=6.29",
+        "tensorboard>=2.16",  # an independent reader for the event files the trainer writes
     ],
     "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
     "gpu-cuda13": ["jax[cuda13]>=0.10.0,<0.12"],

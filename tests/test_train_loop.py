@@ -1,0 +1,178 @@
+"""End-to-end training runs in-process: outputs, meshes, resume, init_from, errors, NaN."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from vitoken.train import checkpoint as ckpt_lib, config as config_lib, trainer
+from vitoken.train.metrics import read_jsonl
+
+
+def smoke_config(**overrides):
+  c = quickstart.get_config("runlocal")
+  c.progress_bar = False
+  c.checkpoint.async_save = False
+  c.log_every_steps = 1
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def losses(workdir, split="train", key="loss"):
+  return [r[key] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == split]
+
+
+def test_smoke_run_writes_everything(tmp_path):
+  summary = trainer.run(smoke_config(), str(tmp_path))
+  assert summary["final_step"] == 12 and summary["steps_run"] == 12
+  assert 0.0 <= summary["eval"]["accuracy"] <= 1.0 and summary["eval"]["examples"] == 256
+  files = set(os.listdir(tmp_path))
+  assert {"metrics.jsonl", "summary.json", "checkpoints", "tensorboard"} <= files
+  assert json.load(open(tmp_path / "summary.json"))["final_step"] == 12
+  train = losses(tmp_path)
+  assert len(train) == 12 and all(np.isfinite(train))
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [4, 8, 12]
+  evals = [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if r["split"] == "eval"]
+  assert evals == [6, 12]
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (4, 2, 1), (2, 2, 2)], ids=lambda m: "x".join(map(str, m)))
+def test_meshes_give_the_single_device_loss_curve(tmp_path, mesh):
+  assert jax.device_count() == 8
+  kw = {"batch_size": 32, "total_steps": 6, "eval_every_steps": 0, "model.num_heads": 2}
+  ref_dir, mesh_dir = tmp_path / "one", tmp_path / "mesh"
+  trainer.run(smoke_config(**kw, mesh=dict(data=1, fsdp=1, tensor=1)), str(ref_dir))
+  trainer.run(smoke_config(**kw, mesh=dict(zip(("data", "fsdp", "tensor"), mesh))), str(mesh_dir))
+  np.testing.assert_allclose(losses(mesh_dir), losses(ref_dir), atol=1e-5, rtol=0)
+
+
+def test_resume_continues_and_matches_uninterrupted_run(tmp_path, monkeypatch):
+  full, part = tmp_path / "full", tmp_path / "part"
+  trainer.run(smoke_config(), str(full))
+  # Interrupt the same config after step 9 (the last checkpoint is step 8).
+  original_init = trainer.Trainer.__init__
+
+  def init_then_preempt_at_step_9(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    step_fn, calls = self.train_step, []
+
+    def step(state, batch):
+      calls.append(1)
+      if len(calls) == 9:
+        raise RuntimeError("preempted at step 9")
+      return step_fn(state, batch)
+    self.train_step = step
+
+  with monkeypatch.context() as m:
+    m.setattr(trainer.Trainer, "__init__", init_then_preempt_at_step_9)
+    with pytest.raises(RuntimeError, match="preempted at step 9"):
+      trainer.run(smoke_config(), str(part))
+  # Resume onto another mesh: the checkpoint was written with the default (8, 1, 1) layout.
+  summary = trainer.run(smoke_config(mesh=dict(data=2, fsdp=2, tensor=2)), str(part))
+  assert summary["start_step"] == 8 and summary["steps_run"] == 4
+  np.testing.assert_allclose(losses(part), losses(full), atol=1e-5)
+  assert [r["step"] for r in read_jsonl(str(part / "metrics.jsonl")) if r["split"] == "train"] == list(range(1, 13))
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+  one, accum = tmp_path / "one", tmp_path / "accum"
+  kw = {"total_steps": 3, "eval_every_steps": 0}
+  trainer.run(smoke_config(**kw), str(one))
+  trainer.run(smoke_config(**kw, grad_accum_steps=2, mesh=dict(data=4, fsdp=1, tensor=1)), str(accum))
+  # Dropout-free model: the mean of micro-batch gradients is the full-batch gradient.
+  np.testing.assert_allclose(losses(accum, key="loss/ce"), losses(one, key="loss/ce"), atol=1e-5)
+
+
+def test_ema_is_evaluated(tmp_path):
+  summary = trainer.run(smoke_config(ema_decay=0.9, total_steps=4, eval_every_steps=4), str(tmp_path))
+  assert "eval_ema" in summary and summary["eval_ema"]["examples"] == 256
+
+
+def test_init_from_copies_params_except_excluded_and_resizes_posemb(tmp_path):
+  src, dst = tmp_path / "src", tmp_path / "dst"
+  trainer.run(smoke_config(total_steps=4, **{"model.posemb": "learn"}), str(src))
+  c = smoke_config(**{"model.posemb": "learn", "data.image_size": 32, "init_from.path": str(src),
+                      "init_from.exclude": "^head/"})
+  t = trainer.Trainer(c, str(dst))
+  _, state = t.initial_state(None)
+  source = ckpt_lib.load_params(str(src))
+  got = jax.device_get(state["params"])
+  np.testing.assert_array_equal(got["block_01"]["mlp"]["fc1"]["kernel"], source["block_01"]["mlp"]["fc1"]["kernel"])
+  assert got["pos_embedding"].shape == (1, 16, 64) and source["pos_embedding"].shape == (1, 64, 64)
+  assert not np.array_equal(got["head"]["bias"], source["head"]["bias"]) or not source["head"]["bias"].any()
+  np.testing.assert_array_equal(got["head"]["kernel"], np.zeros_like(got["head"]["kernel"]))  # fresh zero-init head
+  t.checkpointer.close()
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_says_so(tmp_path, capsys):
+  trainer.run(smoke_config(total_steps=8), str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "8" / "state"
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  summary = trainer.run(smoke_config(), str(tmp_path))
+  assert summary["start_step"] == 4
+  assert "checkpoint at step 8 is unreadable" in capsys.readouterr().out
+  assert os.path.isdir(tmp_path / "checkpoints" / "unreadable" / "8")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  original = trainer.Trainer._train_step
+
+  def poisoned(self, state, batch):
+    new, metrics = original(self, state, batch)
+    metrics["loss"] = jax.numpy.where(state["step"] >= 5, jax.numpy.nan, metrics["loss"])
+    return new, metrics
+
+  monkeypatch.setattr(trainer.Trainer, "_train_step", poisoned)
+  with pytest.raises(trainer.TrainingDiverged, match=r"loss is nan at step 6; stopping. The last good checkpoint is step 4"):
+    trainer.run(smoke_config(), str(tmp_path))
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [4]
+
+
+@pytest.mark.parametrize("overrides,error,pattern", [
+    ({"batch_size": 30}, ValueError, "batch_size 30 .* not divisible by the 8 devices"),
+    ({"grad_accum_steps": 3}, ValueError, "not divisible by grad_accum_steps 3"),
+    ({"data.name": "cifar10", "data.data_dir": "{tmp}/empty", "data.build": False}, Exception, "cifar10"),
+    ({"mesh": {"data": 3}}, ValueError, "mesh .* needs 3 devices|does not fit"),
+    ({"model.colour": "red"}, ValueError, "unknown ViT option"),
+], ids=["batch", "accum", "missing_dataset", "mesh", "model_key"])
+def test_bad_configs_fail_clearly(tmp_path, overrides, error, pattern):
+  overrides = {k: (v.format(tmp=tmp_path) if isinstance(v, str) else v) for k, v in overrides.items()}
+  with pytest.raises(error, match=pattern):
+    trainer.run(smoke_config(**overrides), str(tmp_path / "w"))
+
+
+def test_unknown_config_keys_are_named_with_a_suggestion():
+  c = smoke_config()
+  c.unlock()
+  c.totl_steps = 5
+  with pytest.raises(ValueError, match=r"unknown config key 'totl_steps'; did you mean 'total_steps'"):
+    config_lib.check_keys(c)
+  c = smoke_config()
+  c.checkpoint.unlock()
+  c.checkpoint.evry = 5
+  with pytest.raises(ValueError, match=r"unknown config key 'checkpoint.evry'"):
+    config_lib.check_keys(c)
+
+
+def test_unwritable_workdir_is_named(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(ValueError, match="workdir .*file/sub is not writable"):
+    trainer.run(smoke_config(), str(blocker / "sub"))
+
+
+def test_parse_arg_types_and_rejects_unknown():
+  arg = config_lib.parse_arg("variant=S/16,runlocal,steps=5", variant="B/16", runlocal=False, steps=1)
+  assert (arg.variant, arg.runlocal, arg.steps) == ("S/16", True, 5)
+  with pytest.raises(ValueError, match="unknown config argument 'size'"):
+    config_lib.parse_arg("size=3", variant="B/16")

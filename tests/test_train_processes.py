@@ -1,0 +1,104 @@
+"""Training as users launch it: the CLI, killed with SIGKILL and resumed, and two processes
+forming one multi-host run over localhost (CPU collectives)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vitoken.train.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--config=configs/quickstart.py:runlocal", "--config.progress_bar=False",
+         "--config.log_every_steps=1"]
+
+
+def _env(**extra):
+  env = dict(os.environ, PYTHONPATH=ROOT, **extra)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  return env
+
+
+def _train(workdir, *flags, env=None, **popen):
+  cmd = [sys.executable, "-m", "vitoken.train", f"--workdir={workdir}", *SMOKE, *flags]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if r["split"] == "train"}
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+  proc = _train(tmp_path, "--config.totl_steps=3")
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and "totl_steps" in out
+
+
+def test_sigkill_mid_training_then_resume_reproduces_losses(tmp_path):
+  flags = ["--config.total_steps=30", "--config.checkpoint.every_steps=5",
+           "--config.eval_every_steps=0", "--config.checkpoint.async_save=False"]
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  t0 = time.time()
+  reference = _train(full, *flags)
+  victim = _train(killed, *flags)
+  deadline = time.time() + 300
+  while not any(s >= 10 for s in _steps(killed)):
+    assert victim.poll() is None, victim.stdout.read()
+    assert time.time() < deadline, "no checkpoint at step 10 within 300 s"
+    time.sleep(0.2)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  killed_at = max(_losses(killed))
+  assert killed_at < 30, "the run finished before it could be killed"
+  out, _ = _train(killed, *flags).communicate(timeout=300)
+  assert "resumed from step" in out or _steps(killed)[-1] == 30, out
+  out_ref, _ = reference.communicate(timeout=300)
+  assert reference.returncode == 0, out_ref
+  want, got = _losses(full), _losses(killed)
+  assert sorted(got) == list(range(1, 31))
+  np.testing.assert_allclose([got[s] for s in range(1, 31)], [want[s] for s in range(1, 31)],
+                             rtol=0, atol=1e-6)
+  print(f"kill-and-resume test: killed after step {killed_at}, total {time.time() - t0:.1f}s")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_in_sync_and_write_one_checkpoint(tmp_path):
+  port = _free_port()
+  workdir = tmp_path / "multihost"
+  procs = [
+      _train(workdir, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+             "--config.total_steps=6", "--config.eval_every_steps=6",
+             env=_env(JAX_NUM_CPU_DEVICES="2"))
+      for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  summaries = [line for out in outs for line in out.splitlines() if line.startswith("summary:")]
+  assert len(summaries) == 2 and summaries[0].split(" img/s")[0].rsplit(",", 1)[0] == \
+      summaries[1].split(" img/s")[0].rsplit(",", 1)[0], summaries
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["processes"] == 2 and summary["devices"] == 4
+  assert _steps(workdir) == [4, 6]
+  data_files = sorted(f for f in os.listdir(workdir / "checkpoints" / "6" / "data") if f.endswith(".json"))
+  assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+  # One JSONL writer (the primary process): each step appears once.
+  steps = [r["step"] for r in read_jsonl(str(workdir / "metrics.jsonl")) if r["split"] == "train"]
+  assert steps == list(range(1, 7))

@@ -1,0 +1,221 @@
+"""Image ops of the input pipeline: pure numpy (and PIL), one example or one batch at a time.
+
+Per-example ops take and return uint8 HWC arrays, so the expensive float conversion
+happens once per batch (`normalize`). Random ops take a `np.random.Generator`, which the
+pipeline gets from grain per record (or per batch), so every draw is reproducible.
+
+Semantics follow the references the research code is compared against:
+`random_resized_crop` is torchvision's `RandomResizedCrop`, `mixup`/`cutmix`/`mix_batch`
+are timm's `Mixup` in batch mode (partner = the batch reversed, cutmix lambda corrected
+to the pasted area).
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+# PIL modes that hold one intensity channel (alpha, if any, is dropped on decode).
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def channels_of_mode(mode: str) -> int:
+  """1 for grayscale PIL modes, 3 for everything else (RGB, RGBA, P, CMYK, ...)."""
+  return 1 if mode in _GRAY_MODES else 3
+
+
+def decode(value: Union[bytes, Image.Image, np.ndarray], channels: Optional[int] = None
+           ) -> np.ndarray:
+  """Encoded bytes (PNG, JPEG, ...), a PIL image or an array -> uint8 [H, W, C].
+
+  `channels` (1 or 3) converts grayscale <-> RGB; None keeps what the image has
+  (grayscale -> 1, anything else -> 3).
+  """
+  if channels not in (None, 1, 3):
+    raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+  if isinstance(value, (bytes, bytearray, memoryview)):
+    with Image.open(io.BytesIO(value)) as image:
+      return _from_pil(image, channels)
+  if isinstance(value, Image.Image):
+    return _from_pil(value, channels)
+  if isinstance(value, np.ndarray):
+    return _from_array(value, channels)
+  raise TypeError(f"cannot decode an image from {type(value).__name__}; "
+                  "expected bytes, a PIL image or a numpy array")
+
+
+def _from_pil(image: Image.Image, channels: Optional[int]) -> np.ndarray:
+  channels = channels or channels_of_mode(image.mode)
+  image = image.convert("L" if channels == 1 else "RGB")
+  array = np.asarray(image, dtype=np.uint8)
+  return array[..., None] if array.ndim == 2 else array
+
+
+def _from_array(array: np.ndarray, channels: Optional[int]) -> np.ndarray:
+  if array.dtype != np.uint8:
+    raise ValueError(f"image arrays must be uint8, got {array.dtype} "
+                     f"(scale them to 0..255 before the pipeline)")
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"image arrays must be [H, W] or [H, W, 1|3|4], got shape {array.shape}")
+  if array.shape[-1] == 4:
+    array = array[..., :3]  # drop alpha, as PIL's RGBA -> RGB does
+  if channels is None or channels == array.shape[-1]:
+    return array
+  if channels == 3:
+    return np.repeat(array, 3, axis=-1)
+  return _from_pil(Image.fromarray(array), 1)  # PIL's ITU-R 601-2 luma, same as decode
+
+
+def resize(image: np.ndarray, size: Union[int, Tuple[int, int]]) -> np.ndarray:
+  """Antialiased bilinear resize (PIL) of uint8 [H, W, C] to [size, size, C] or [h, w, C]."""
+  height, width = (size, size) if isinstance(size, int) else size
+  if image.shape[:2] == (height, width):
+    return image
+  if image.dtype != np.uint8 or image.ndim != 3:
+    raise ValueError(f"resize takes uint8 [H, W, C], got {image.dtype} {image.shape}")
+  if image.shape[-1] == 3:
+    return _resize_pil(image, width, height)
+  # PIL has no 2- or 4+-plane uint8 mode; 1 channel goes through "L" plane by plane too.
+  return np.stack([_resize_pil(image[..., c], width, height)
+                   for c in range(image.shape[-1])], axis=-1)
+
+
+def _resize_pil(array: np.ndarray, width: int, height: int) -> np.ndarray:
+  # PIL's bilinear widens its kernel when shrinking, so downscaling is antialiased.
+  resized = Image.fromarray(np.ascontiguousarray(array)).resize((width, height), Image.BILINEAR)
+  return np.asarray(resized, dtype=np.uint8)
+
+
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
+                            scale: Sequence[float] = (0.08, 1.0),
+                            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+  """(top, left, crop_height, crop_width) as torchvision's RandomResizedCrop.get_params.
+
+  Area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`; 10 tries, then
+  the largest centred crop whose aspect ratio lies in `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    crop_w = int(round(math.sqrt(target_area * aspect)))
+    crop_h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < crop_w <= width and 0 < crop_h <= height:
+      top = int(rng.integers(0, height - crop_h + 1))
+      left = int(rng.integers(0, width - crop_w + 1))
+      return top, left, crop_h, crop_w
+  return _central_crop_box(height, width, ratio)
+
+
+def _central_crop_box(height, width, ratio):
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    crop_w, crop_h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    crop_h, crop_w = height, int(round(height * max(ratio)))
+  else:
+    crop_h, crop_w = height, width
+  return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def random_resized_crop(image: np.ndarray, size: Union[int, Tuple[int, int]],
+                        rng: np.random.Generator, scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """Random area/aspect crop of uint8 [H, W, C], resized to `size`."""
+  top, left, crop_h, crop_w = random_resized_crop_box(*image.shape[:2], rng, scale, ratio)
+  return resize(image[top:top + crop_h, left:left + crop_w], size)
+
+
+def flip(image: np.ndarray) -> np.ndarray:
+  """Horizontal flip of [H, W, C]."""
+  return image[:, ::-1]
+
+
+def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Horizontal flip with probability 1/2."""
+  return flip(image) if rng.random() < 0.5 else image
+
+
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 images [..., C] -> float32 (x / 255 - mean) / std; 1-element mean/std broadcast."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  # One fused scale and shift: x * (1 / (255 std)) - mean / std.
+  scale = 1.0 / (255.0 * std)
+  shift = -mean / std
+  return images.astype(np.float32) * scale + shift
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """int labels [B] -> float32 [B, num_classes]."""
+  labels = np.asarray(labels)
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"labels must lie in [0, {num_classes}), got range "
+                     f"[{labels.min()}, {labels.max()}]")
+  return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def mixup(images: np.ndarray, targets: np.ndarray, lam: float
+          ) -> Tuple[np.ndarray, np.ndarray]:
+  """lam * x + (1 - lam) * x[::-1] for float images [B, ...] and targets [B, K]."""
+  lam = np.float32(lam)
+  mixed = images * lam + images[::-1] * (1 - lam)
+  return mixed.astype(np.float32), (targets * lam + targets[::-1] * (1 - lam)).astype(np.float32)
+
+
+def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator
+               ) -> Tuple[int, int, int, int]:
+  """timm's rand_bbox: a box of area ~(1 - lam) H W centred uniformly, clipped to the image.
+
+  Returns (y0, y1, x0, x1).
+  """
+  cut_ratio = math.sqrt(1.0 - lam)
+  cut_h, cut_w = int(height * cut_ratio), int(width * cut_ratio)
+  cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+  y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+  x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
+  return int(y0), int(y1), int(x0), int(x1)
+
+
+def cutmix(images: np.ndarray, targets: np.ndarray, lam: float, rng: np.random.Generator
+           ) -> Tuple[np.ndarray, np.ndarray, float]:
+  """Pastes a box of x[::-1] into x [B, H, W, C]; targets mix by the pasted area.
+
+  Returns (images, targets, lam) with lam = 1 - box area / image area: the box is
+  clipped at the border, so the sampled lambda is corrected to what was really pasted.
+  """
+  height, width = images.shape[1:3]
+  y0, y1, x0, x1 = cutmix_box(height, width, lam, rng)
+  images = np.array(images, dtype=np.float32, copy=True)
+  images[:, y0:y1, x0:x1] = images[::-1, y0:y1, x0:x1]
+  lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+  lam32 = np.float32(lam)
+  mixed_targets = (targets * lam32 + targets[::-1] * (1 - lam32)).astype(np.float32)
+  return images, mixed_targets, lam
+
+
+def mix_batch(images: np.ndarray, targets: np.ndarray, rng: np.random.Generator, *,
+              mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0,
+              switch_prob: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+  """timm's batch-mode Mixup: with probability `mix_prob` mix the batch, else leave it.
+
+  With both alphas > 0, cutmix is picked with probability `switch_prob`, mixup otherwise;
+  lambda ~ Beta(alpha, alpha) of the picked method.
+  """
+  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    return images, targets
+  if rng.random() >= mix_prob:
+    return images, targets
+  use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+  alpha = cutmix_alpha if use_cutmix else mixup_alpha
+  lam = float(rng.beta(alpha, alpha))
+  if use_cutmix:
+    images, targets, _ = cutmix(images, targets, lam, rng)
+    return images, targets
+  return mixup(images, targets, lam)

@@ -1,0 +1,26 @@
+"""python -m vitoken.train --config=configs/<file>.py[:arg] --workdir=DIR [--config.key=value ...]"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file with get_config(arg)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and summary.json go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from vitoken.train import trainer  # pylint: disable=import-outside-toplevel
+  config = _CONFIG.value
+  trainer.maybe_initialize_distributed(config.distributed)  # before any device is touched
+  logging.set_verbosity(logging.INFO)
+  summary = trainer.run(config, _WORKDIR.value)
+  evals = {k: v for k, v in summary.items() if k.startswith("eval")}
+  print("summary:", {k: round(v["accuracy"], 4) for k, v in evals.items()},
+        f"train loss {summary['train'].get('loss', float('nan')):.4f},",
+        f"{summary['wall_time_s']:.0f}s, {summary['images_per_s']:.0f} img/s")
+
+
+if __name__ == "__main__":
+  app.run(main)

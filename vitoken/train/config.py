@@ -1,0 +1,87 @@
+"""The trainer's config schema, big_vision-style argument parsing, and key validation.
+
+Config files start from `base_config()` and change what they need, so every key a run can
+take exists here with its default, and a misspelt key is an error instead of being ignored.
+Sections owned by other modules (`data`, `optim`, `schedule`, `model`) are checked there.
+"""
+import difflib
+from typing import Any, Dict
+
+import ml_collections
+
+# Sections whose keys are checked by their owner, not against the defaults below.
+FREE_FORM = ("model", "eval_model_overrides", "data", "optim", "schedule")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
+  from vitoken.train import optim  # pylint: disable=import-outside-toplevel
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256  # global, over all devices and processes
+  c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.0  # 0: no EMA; else also evaluate the EMA params
+  # ViT fields (see vitoken.models.vit.VisionTransformer); num_classes and channels default
+  # to the dataset's.
+  c.model = ml_collections.ConfigDict({"variant": "Ti/16"})
+  c.eval_model_overrides = ml_collections.ConfigDict()  # e.g. a token_reduction for eval only
+  c.data = pipeline.default_data_config()
+  c.optim = optim.default_optim_config()
+  c.schedule = optim.default_schedule_config()
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.log_every_steps = 50
+  c.eval_every_steps = 500  # 0: only at the end
+  c.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3, "async_save": True})
+  c.init_from = ml_collections.ConfigDict({
+      "path": "",  # another run's workdir or checkpoint, or a big_vision .npz
+      "exclude": "",  # regex of param paths kept from the fresh init, e.g. "^head/"
+      "posemb_resize": "bilinear",
+  })
+  c.distributed = ml_collections.ConfigDict({
+      "initialize": "auto",  # "auto": when the environment names a coordinator; True; False
+      "coordinator_address": "",
+      "num_processes": 0,
+      "process_id": -1,
+  })
+  c.progress_bar = True
+  return c
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """"variant=S/16,runlocal" -> {variant: "S/16", runlocal: True} over `defaults`, typed."""
+  out = ml_collections.ConfigDict(dict(defaults))
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; this config takes {sorted(defaults)}")
+    default = defaults[key]
+    if not eq:
+      value = True
+    elif isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes", "on")
+    elif isinstance(default, (int, float)) and default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return out
+
+
+def check_keys(config, reference=None, prefix: str = ""):
+  """Raises on keys the schema does not know, suggesting the closest known one."""
+  reference = base_config() if reference is None else reference
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+      hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+      raise ValueError(f"unknown config key {path!r}{hint}")
+    if prefix == "" and key in FREE_FORM:
+      continue
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      check_keys(config[key], reference[key], prefix=f"{path}.")
+
+
+def to_dict(config) -> Dict[str, Any]:
+  return config.to_dict() if hasattr(config, "to_dict") else dict(config)

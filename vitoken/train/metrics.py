@@ -1,0 +1,459 @@
+"""Metric logging for training runs: a JSONL log, TensorBoard event files, a progress bar.
+
+Files under `workdir` (written by the primary process only):
+
+  metrics.jsonl               one JSON object a line: {"step", "split", <metrics>, "wall_time"}
+  tensorboard/{split}/events.out.tfevents.*   scalar summaries, one TensorBoard run per split
+  summary.json                final results, written by `write_summary`
+
+Non-finite floats are written as the JSON strings "NaN", "Infinity" and "-Infinity" rather
+than Python's bare NaN/Infinity tokens (which jq, JavaScript and strict JSON parsers reject) or
+null (which would hide whether a run diverged to inf or produced NaN). `read_jsonl` turns them
+back into floats. In summary.json they stay strings for the same reason.
+
+The TensorBoard writer is self-contained (TFRecord framing + a hand-encoded `Event` protobuf) so
+that neither TensorFlow nor tensorboardX is needed to write event files; TensorBoard itself is
+only needed to view them.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tensorboard"
+
+_RESERVED_KEYS = ("step", "split", "wall_time")
+_NONFINITE_TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+
+# A progress bar in a log file (not a TTY) is one line rewritten with '\r'; redrawing it often
+# only bloats the log, so it is throttled to about one update every this many seconds.
+_NON_TTY_MIN_INTERVAL_S = 30.0
+# Weight of the newest interval in the images/s moving average; steps are dispatched
+# asynchronously, so single intervals are noisy while their average is right.
+_RATE_SMOOTHING = 0.1
+
+
+# ----------------------------------------------------------------------------- value conversion
+
+
+def _to_python(value: Any, name: str) -> Any:
+  """A metric value as a Python bool/int/float/str; numpy and 0-d jax arrays included."""
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, np.generic):
+    return value.item()
+  if hasattr(value, "__array__") and hasattr(value, "shape"):
+    # np.asarray copies a jax.Array to the host without importing jax here.
+    array = np.asarray(value)
+    if array.shape != ():
+      # A (1,)- or (devices,)-shaped value usually means a missing mean/psum; fail loudly.
+      raise ValueError(f"metric {name!r} must be a scalar, got an array of shape {array.shape}")
+    return array.item()
+  raise TypeError(f"metric {name!r} has unsupported type {type(value).__name__}")
+
+
+def _encode_json_value(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return _NONFINITE_TO_STR[repr(value)]
+  return value
+
+
+def _to_json_tree(obj: Any, name: str = "summary") -> Any:
+  """Recursively converts a summary (dicts/lists of scalars and arrays) to strict-JSON values."""
+  if isinstance(obj, dict):
+    return {str(k): _to_json_tree(v, f"{name}.{k}") for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_to_json_tree(v, f"{name}[{i}]") for i, v in enumerate(obj)]
+  if obj is None:
+    return None
+  if hasattr(obj, "__array__") and hasattr(obj, "shape") and not isinstance(obj, np.generic):
+    array = np.asarray(obj)
+    if array.shape != ():
+      return _to_json_tree(array.tolist(), name)
+  return _encode_json_value(_to_python(obj, name))
+
+
+def _decode_record(record: Dict[str, Any]) -> Dict[str, Any]:
+  return {k: (_STR_TO_NONFINITE.get(v, v) if k != "split" and isinstance(v, str) else v)
+          for k, v in record.items()}
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+  """Writes via tmp + os.replace so readers (and crashes) never see a half-written file."""
+  tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      # Without the fsync a power loss right after the rename can leave an empty file.
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+def read_jsonl(path: str) -> List[Dict[str, Any]]:
+  """Reads a metrics.jsonl back to a list of dicts ("NaN"/"Infinity" strings become floats).
+
+  A last line that does not parse is skipped: it is a record torn by a run killed mid-write.
+  A bad line anywhere else is real corruption and raises ValueError.
+  """
+  records, _ = _read_jsonl_with_status(path)
+  return records
+
+
+def _read_jsonl_with_status(path: str):
+  """(records, torn): torn is True when the file's tail was not a complete line."""
+  with open(path, "r", encoding="utf-8") as f:
+    text = f.read()
+  lines = text.split("\n")
+  # Text ending in "\n" leaves a final "" here; anything else there is an unterminated record.
+  tail = lines.pop()
+  records = []
+  for lineno, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(_decode_record(json.loads(line)))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno}: corrupt metrics record: {e}") from e
+  torn = bool(tail.strip())
+  if torn:
+    try:
+      # Killed between the record and its newline: the record itself is complete.
+      records.append(_decode_record(json.loads(tail)))
+    except json.JSONDecodeError:
+      pass
+  return records, torn
+
+
+def _dump_record(record: Dict[str, Any]) -> str:
+  # allow_nan=False guards the strict-JSON promise: non-finite floats must already be strings.
+  return json.dumps(record, allow_nan=False, separators=(", ", ": "))
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+def _make_crc32c_table():
+  poly = 0x82F63B78  # Castagnoli, reflected
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
+    table.append(crc)
+  return tuple(table)
+
+
+_CRC32C_TABLE = _make_crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli) as used by TFRecord; records here are tiny, so pure Python is enough."""
+  crc = 0xFFFFFFFF
+  table = _CRC32C_TABLE
+  for byte in data:
+    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _tfrecord(data: bytes) -> bytes:
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", masked_crc32c(length)) + data
+          + struct.pack("<I", masked_crc32c(data)))
+
+
+def _varint(value: int) -> bytes:
+  value &= (1 << 64) - 1  # negative int64s are encoded as their 10-byte two's complement
+  out = bytearray()
+  while True:
+    byte = value & 0x7F
+    value >>= 7
+    if value:
+      out.append(byte | 0x80)
+    else:
+      out.append(byte)
+      return bytes(out)
+
+
+def _field_bytes(field: int, payload: bytes) -> bytes:
+  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _encode_event(wall_time: float, step: int, *, file_version: Optional[str] = None,
+                  scalars: Optional[Dict[str, float]] = None, session_start: bool = False) -> bytes:
+  """Serializes a tensorflow.Event (field numbers from tensorflow/core/util/event.proto).
+
+  Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5, session_log=7
+  (6 is the deprecated log_message); Summary: value=1; Summary.Value: tag=1,
+  simple_value=2 (float); SessionLog: status=1 (enum, START=1).
+  """
+  out = bytearray(b"\x09" + struct.pack("<d", wall_time))
+  out += b"\x10" + _varint(step)
+  if file_version is not None:
+    out += _field_bytes(3, file_version.encode("utf-8"))
+  if scalars:
+    summary = bytearray()
+    for tag, value in scalars.items():
+      # simple_value is a float32; values beyond its range become +-inf, as in tf.summary.
+      with np.errstate(over="ignore"):
+        packed = struct.pack("<f", np.float32(value))
+      summary += _field_bytes(1, _field_bytes(1, tag.encode("utf-8")) + b"\x15" + packed)
+    out += _field_bytes(5, bytes(summary))
+  if session_start:
+    out += _field_bytes(7, b"\x08\x01")
+  return bytes(out)
+
+
+class _EventFileWriter:
+  """Appends scalar `Event` records to a new events.out.tfevents.* file in `logdir`."""
+
+  _seq = itertools.count()
+
+  def __init__(self, logdir: str):
+    os.makedirs(logdir, exist_ok=True)
+    while True:
+      # The zero-padded sequence keeps files from one process sorted by creation, which is the
+      # order TensorBoard reads them in (it matters for the resume purge below).
+      name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+              f"{os.getpid()}.{next(self._seq):04d}")
+      self.path = os.path.join(logdir, name)
+      try:
+        self._file = open(self.path, "xb")
+        break
+      except FileExistsError:
+        continue
+    self._write(_encode_event(time.time(), 0, file_version="brain.Event:2"))
+
+  def _write(self, event: bytes) -> None:
+    self._file.write(_tfrecord(event))
+
+  def add_scalars(self, step: int, wall_time: float, scalars: Dict[str, float]) -> None:
+    self._write(_encode_event(wall_time, step, scalars=scalars))
+
+  def add_session_start(self, step: int, wall_time: float) -> None:
+    self._write(_encode_event(wall_time, step, session_start=True))
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+# ----------------------------------------------------------------------------- progress bar
+
+
+def _format_postfix_value(value: Any) -> str:
+  try:
+    value = _to_python(value, "postfix")
+  except (TypeError, ValueError):
+    return str(value)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return str(value)
+  if isinstance(value, int):
+    return str(value)
+  if not math.isfinite(value):
+    return str(value)
+  if 1e4 <= abs(value) < 1e9:
+    return f"{value:.0f}"  # throughputs: "12346" reads better than "1.235e+04"
+  return f"{value:.4g}"
+
+
+def _progress_enabled(progress: bool, is_primary: bool) -> bool:
+  if not (progress and is_primary):
+    return False
+  is_tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+  return is_tty or not os.environ.get("CI")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+class MetricLogger:
+  """Writes metrics to {workdir}/metrics.jsonl and TensorBoard, and drives a progress bar.
+
+  Only the primary process writes; on the others every method is a no-op, so the trainer can
+  call it unconditionally. `start_step > 0` marks a resumed run: logged records past that step
+  are dropped, since the resumed run redoes those steps.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+               is_primary: bool = True, progress: bool = True,
+               global_batch_size: Optional[int] = None):
+    self.workdir = workdir
+    self.total_steps = int(total_steps)
+    self.start_step = int(start_step)
+    self.is_primary = bool(is_primary)
+    self.global_batch_size = global_batch_size
+    self.metrics_path = os.path.join(workdir, METRICS_FILE)
+    self._tb_writers: Dict[str, _EventFileWriter] = {}
+    self._jsonl = None
+    self._bar = None
+    self._closed = False
+    self._last_progress = None  # (step, time.perf_counter()) of the previous progress call
+    self._ema_steps = None
+    self._ema_seconds = None
+    if not self.is_primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_for_resume()
+    self._jsonl = open(self.metrics_path, "a", encoding="utf-8")
+    if _progress_enabled(progress, self.is_primary):
+      is_tty = sys.stderr.isatty()
+      interval = 0.1 if is_tty else _NON_TTY_MIN_INTERVAL_S
+      self._bar = tqdm.tqdm(total=self.total_steps, initial=self.start_step, unit="step",
+                            file=sys.stderr, dynamic_ncols=is_tty, ascii=not is_tty,
+                            mininterval=interval, maxinterval=max(10.0, interval),
+                            smoothing=0.1)
+
+  def _truncate_for_resume(self) -> None:
+    """Drops records with step > start_step, and a torn tail that a later append would extend.
+
+    Applied for start_step == 0 too: a run restarted from scratch redoes every step > 0.
+    """
+    if not os.path.exists(self.metrics_path):
+      return
+    records, torn = _read_jsonl_with_status(self.metrics_path)
+    kept = [r for r in records if r.get("step", 0) <= self.start_step]
+    if len(kept) == len(records) and not torn:
+      return
+    _atomic_write_text(self.metrics_path,
+                       "".join(_dump_record(_encode_record(r)) + "\n" for r in kept))
+
+  def _tb_writer(self, split: str) -> _EventFileWriter:
+    writer = self._tb_writers.get(split)
+    if writer is None:
+      writer = _EventFileWriter(os.path.join(self.workdir, TENSORBOARD_DIR, split))
+      if self.start_step > 0:
+        # TensorBoard drops already-loaded points at steps >= a SessionLog.START's step, so the
+        # stale tail of the interrupted run (> start_step) disappears like in metrics.jsonl.
+        writer.add_session_start(self.start_step + 1, time.time())
+      self._tb_writers[split] = writer
+    return writer
+
+  def write(self, step: int, metrics: Dict[str, Any], *, split: str = "train") -> None:
+    """Appends one record to metrics.jsonl and the split's TensorBoard run, then flushes."""
+    if not self.is_primary:
+      return
+    if self._closed:
+      raise RuntimeError("MetricLogger.write after close")
+    if not _SPLIT_RE.match(split) or ".." in split.split("/"):
+      raise ValueError(f"split must be a simple name like 'train' or 'eval/val', got {split!r}")
+    step = int(step)
+    values = {}
+    for name, value in metrics.items():
+      if not isinstance(name, str):
+        raise TypeError(f"metric names must be strings, got {name!r}")
+      if name in _RESERVED_KEYS:
+        raise ValueError(f"metric name {name!r} is reserved in metrics.jsonl records")
+      values[name] = _to_python(value, name)
+    wall_time = time.time()
+    record = {"step": step, "split": split, **values, "wall_time": wall_time}
+    self._jsonl.write(_dump_record(_encode_record(record)) + "\n")
+    # flush() hands the line to the OS, which keeps it through a SIGKILL; fsync per step would
+    # only add protection against power loss at a real cost on network filesystems.
+    self._jsonl.flush()
+    scalars = {k: float(v) for k, v in values.items() if isinstance(v, (bool, int, float))}
+    if scalars:
+      writer = self._tb_writer(split)
+      writer.add_scalars(step, wall_time, scalars)
+      writer.flush()
+
+  @property
+  def images_per_sec(self) -> Optional[float]:
+    """Smoothed throughput from the progress calls (needs global_batch_size), else None."""
+    if self.global_batch_size is None or not self._ema_seconds:
+      return None
+    return self.global_batch_size * self._ema_steps / self._ema_seconds
+
+  def _update_rate(self, step: int) -> None:
+    now = time.perf_counter()
+    if self._last_progress is not None:
+      steps, seconds = step - self._last_progress[0], now - self._last_progress[1]
+      if steps > 0 and seconds > 0:
+        if self._ema_seconds is None:
+          self._ema_steps, self._ema_seconds = float(steps), seconds
+        else:
+          a = _RATE_SMOOTHING
+          self._ema_steps = (1 - a) * self._ema_steps + a * steps
+          self._ema_seconds = (1 - a) * self._ema_seconds + a * seconds
+    # The first call only sets the baseline: the interval before it contains compilation.
+    self._last_progress = (step, now)
+
+  def progress(self, step: int, **postfix) -> None:
+    """Advances the bar to `step`; postfix values (loss=..., ...) are shown compactly."""
+    step = int(step)
+    if self.global_batch_size is not None:
+      self._update_rate(step)
+    if self._bar is None:
+      return
+    shown = {}
+    rate = self.images_per_sec
+    if rate is not None:
+      shown["img_s"] = rate
+    shown.update(postfix)
+    if shown:
+      # refresh=False: a redraw here would bypass mininterval and flood non-TTY logs.
+      self._bar.set_postfix_str(
+          ", ".join(f"{k}={_format_postfix_value(v)}" for k, v in shown.items()), refresh=False)
+    delta = step - self._bar.n
+    if delta > 0:
+      self._bar.update(delta)
+
+  def close(self) -> None:
+    """Closes the bar and files; safe to call twice."""
+    if self._closed:
+      return
+    self._closed = True
+    if self._bar is not None:
+      self._bar.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    for writer in self._tb_writers.values():
+      writer.close()
+
+  def __enter__(self) -> "MetricLogger":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _encode_record(record: Dict[str, Any]) -> Dict[str, Any]:
+  return {k: _encode_json_value(v) for k, v in record.items()}
+
+
+def write_summary(workdir: str, summary: Dict[str, Any]) -> str:
+  """Writes {workdir}/summary.json atomically (numpy/jax scalars become numbers); its path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, SUMMARY_FILE)
+  text = json.dumps(_to_json_tree(summary), allow_nan=False, indent=2, sort_keys=False) + "\n"
+  _atomic_write_text(path, text)
+  return path

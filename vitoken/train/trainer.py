@@ -1,0 +1,319 @@
+"""The training loop: one jitted step for every model and method, driven by a config.
+
+The step never branches on the token-reduction method: auxiliary losses arrive in the model's
+`aux["losses"]` and are added to the loss. State is created sharded, the step donates it and
+pins its in/out shardings, and the host reads metrics only every `log_every_steps` (that is
+also where a NaN loss is caught, naming its exact step, before any checkpoint can store it).
+"""
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vitoken.data import pipeline
+from vitoken.models import vit
+from vitoken.train import checkpoint as ckpt_lib
+from vitoken.train import config as config_lib
+from vitoken.train import metrics as metrics_lib
+from vitoken.train import optim, sharding
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def maybe_initialize_distributed(dist_config) -> None:
+  """Multi-host start-up; must run before anything touches a JAX device."""
+  mode = dist_config.get("initialize", "auto")
+  if mode in (False, "false", "False", 0):
+    return
+  address = dist_config.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  if mode == "auto" and not address:
+    return
+  if jax.distributed.is_initialized():
+    return
+  # Cross-process collectives on CPU need gloo; the option is ignored by GPU/TPU clients.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if address:
+    kwargs["coordinator_address"] = address
+  if dist_config.get("num_processes", 0) > 0:
+    kwargs["num_processes"] = int(dist_config.num_processes)
+  if dist_config.get("process_id", -1) >= 0:
+    kwargs["process_id"] = int(dist_config.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+def check_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"workdir {workdir} is not writable: {e}") from e
+  return workdir
+
+
+def _dtype(value):
+  return jnp.dtype(value) if isinstance(value, str) else value
+
+
+def build_model(config, info: pipeline.DataInfo) -> Tuple[vit.VisionTransformer, vit.VisionTransformer]:
+  """(train model, eval model); the eval one differs only by `eval_model_overrides`."""
+  kwargs = config_lib.to_dict(config.model)
+  kwargs.setdefault("num_classes", info.num_classes)
+  kwargs.setdefault("channels", info.image_shape[-1])
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = _dtype(kwargs[key])
+  model = vit.Model(**kwargs)
+  overrides = config_lib.to_dict(config.eval_model_overrides)
+  for key in ("dtype", "param_dtype"):
+    if key in overrides:
+      overrides[key] = _dtype(overrides[key])
+  unknown = sorted(set(overrides) - set(vit.VisionTransformer.__dataclass_fields__))
+  if unknown:
+    raise ValueError(f"unknown eval_model_overrides {unknown}")
+  return model, (model.clone(**overrides) if overrides else model)
+
+
+def _mean_metrics(records: List[Dict[str, float]]) -> Dict[str, float]:
+  keys = records[0].keys()
+  return {k: float(np.mean([r[k] for r in records])) for k in keys}
+
+
+class Trainer:
+  """Builds everything a run needs from its config; `run()` trains, evaluates, checkpoints."""
+
+  def __init__(self, config, workdir: str):
+    config_lib.check_keys(config)
+    self.config = config
+    self.workdir = check_workdir(workdir)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self._check_batch()
+    self.info = pipeline.dataset_info(config.data)
+    self.model, self.eval_model = build_model(config, self.info)
+
+    dummy = jax.ShapeDtypeStruct((1, *self.info.image_shape), jnp.float32)
+    abstract_params = jax.eval_shape(self.model.init, jax.random.key(0), dummy)["params"]
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.schedule, abstract_params,
+                                                  config.total_steps, depth=self.model.depth)
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+
+    self.abstract_state = jax.eval_shape(self._init_state)
+    self.state_shardings = sharding.tree_shardings(self.abstract_state, self.mesh)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    repl = sharding.replicated(self.mesh)
+    self.train_step = jax.jit(
+        self._train_step, donate_argnums=(0,),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, repl))
+    params_shardings = self.state_shardings["params"]
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(params_shardings, self.batch_sharding),
+                             out_shardings=repl)
+    self.checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+
+  def _check_batch(self):
+    c = self.config
+    batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    micro = c.batch_size // max(c.grad_accum_steps, 1)
+    if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
+      raise ValueError(f"batch_size {c.batch_size} is not divisible by grad_accum_steps "
+                       f"{c.grad_accum_steps}")
+    if micro % batch_devices:
+      raise ValueError(f"batch_size {c.batch_size} (micro-batch {micro}) is not divisible by the "
+                       f"{batch_devices} devices that split the batch (mesh data x fsdp)")
+    if c.batch_size % jax.process_count():
+      raise ValueError(f"batch_size {c.batch_size} is not divisible by the {jax.process_count()} processes")
+
+  # ---- state and steps -------------------------------------------------------------------
+  def _init_state(self):
+    dummy = jnp.zeros((1, *self.info.image_shape), jnp.float32)
+    params = self.model.init(jax.random.key(self.config.seed), dummy)["params"]
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    if self.config.ema_decay:
+      state["ema_params"] = params
+    return state
+
+  def _loss(self, params, images, labels, rng):
+    drop_rng, reduce_rng = jax.random.split(rng)
+    logits, aux = self.model.apply({"params": params}, images, train=True,
+                                   rngs={"dropout": drop_rng, "reduction": reduce_rng})
+    ls = self.config.label_smoothing
+    targets = labels * (1.0 - ls) + ls / labels.shape[-1]
+    ce = optax.softmax_cross_entropy(logits, targets).mean()
+    extra = {f"loss/{k}": v for k, v in aux["losses"].items()}
+    total = ce + sum(extra.values()) if extra else ce
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+    return total, {"loss": total, "loss/ce": ce, "accuracy": accuracy, **extra}
+
+  def _grads(self, params, batch, rng):
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    accum = self.config.grad_accum_steps
+    if accum == 1:
+      (_, metrics), grads = grad_fn(params, batch["image"], batch["labels"], rng)
+      return grads, metrics
+
+    def split(x):
+      # Strided micro-batches: every device contributes to each of them.
+      x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
+
+    micro = jax.tree.map(split, {"image": batch["image"], "labels": batch["labels"]})
+
+    def body(carry, xs):
+      i, mb = xs
+      (_, m), g = grad_fn(params, mb["image"], mb["labels"], jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (g, m)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)["image"],
+                        jax.tree.map(lambda x: x[0], micro)["labels"], rng)))
+    init = (zeros[1], zeros[0][1])
+    (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+    return jax.tree.map(lambda x: x / accum, (grads, metrics))
+
+  def _train_step(self, state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+    grads, metrics = self._grads(state["params"], batch, rng)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"step": step + 1, "params": params, "opt_state": opt_state}
+    if "ema_params" in state:
+      d = self.config.ema_decay
+      new["ema_params"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], params)
+    metrics.update(grad_norm=optax.global_norm(grads), lr=self.schedule(step))
+    return new, metrics
+
+  def _eval_step(self, params, batch):
+    logits, _ = self.eval_model.apply({"params": params}, batch["image"])
+    mask = batch["mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(ce * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+  # ---- pieces of the loop ---------------------------------------------------------------
+  def initial_state(self, train_iter):
+    """Resumes from the workdir's latest readable checkpoint, else a fresh (or init_from) state."""
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_shardings)
+    step, state = self.checkpointer.restore_latest(abstract, train_iter)
+    if state is not None:
+      log.info("resumed from step %d", step)
+      return int(step), state
+    state, _ = sharding.init_sharded(self._init_state, self.mesh)
+    if self.config.init_from.path:
+      state = self._init_from(state)
+    return 0, state
+
+  def _init_from(self, state):
+    c = self.config.init_from
+    grid = (self.info.image_shape[0] // self.model.patch_size[0],
+            self.info.image_shape[1] // self.model.patch_size[1])
+    loaded = ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2])
+    params, kept = ckpt_lib.merge_params(
+        jax.tree.map(np.asarray, jax.device_get(state["params"])), loaded, exclude=c.exclude or None,
+        grid=grid, num_prefix_pos=self.model.num_prefix if self.model.posemb_prefix else 0,
+        posemb_method=c.posemb_resize)
+    log.info("init_from %s (kept fresh: %s)", c.path, kept)
+    params = jax.device_put(params, self.state_shardings["params"])
+    state = dict(state, params=params)
+    if "ema_params" in state:
+      state["ema_params"] = jax.device_put(params, self.state_shardings["ema_params"])
+    return state
+
+  def evaluate(self, params) -> Dict[str, float]:
+    totals = None
+    for batch in pipeline.eval_iterator(self.config.data, global_batch_size=self.config.batch_size):
+      out = self.eval_step(params, sharding.global_batch(batch, self.batch_sharding))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss_sum"]) / count,
+            "examples": count}
+
+  def _drain(self, pending: List[Tuple[int, Any]]) -> Dict[str, float]:
+    """Brings queued step metrics to the host; stops at the first non-finite loss."""
+    records = jax.device_get([m for _, m in pending])
+    for (step, _), rec in zip(pending, records):
+      if not np.isfinite(rec["loss"]):
+        last = self.checkpointer.latest_step()
+        raise TrainingDiverged(
+            f"loss is {float(rec['loss'])} at step {step}; stopping. The last good checkpoint is "
+            + (f"step {last} in {self.checkpointer.directory}" if last is not None else "none (no checkpoint was saved)"))
+    pending.clear()
+    return _mean_metrics([{k: float(v) for k, v in r.items()} for r in records])
+
+  def _meta(self, step: int) -> Dict[str, Any]:
+    return {"step": step, "config": json.loads(self.config.to_json_best_effort())}
+
+  def run(self) -> Dict[str, Any]:
+    c = self.config
+    train_iter = pipeline.train_iterator(c.data, global_batch_size=c.batch_size, seed=c.seed)
+    start_step, state = self.initial_state(train_iter)
+    primary = jax.process_index() == 0
+    logger = metrics_lib.MetricLogger(self.workdir, total_steps=c.total_steps, start_step=start_step,
+                                      is_primary=primary, progress=c.progress_bar,
+                                      global_batch_size=c.batch_size)
+    pending: List[Tuple[int, Any]] = []
+    train_metrics: Dict[str, float] = {}
+    eval_metrics: Dict[str, Dict[str, float]] = {}
+    t_start, steps_run = time.time(), 0
+    try:
+      for step in range(start_step + 1, c.total_steps + 1):
+        batch = sharding.global_batch(next(train_iter), self.batch_sharding)
+        state, metrics = self.train_step(state, batch)
+        pending.append((step, metrics))
+        steps_run += 1
+        last = step == c.total_steps
+        do_eval = last or (c.eval_every_steps and step % c.eval_every_steps == 0)
+        do_save = last or step % max(c.checkpoint.every_steps, 1) == 0
+        if last or do_eval or do_save or step % c.log_every_steps == 0:
+          train_metrics = self._drain(pending)
+          logger.write(step, train_metrics, split="train")
+          logger.progress(step, loss=train_metrics["loss"])
+        if do_eval:
+          eval_metrics = {"eval": self.evaluate(state["params"])}
+          if "ema_params" in state:
+            eval_metrics["eval_ema"] = self.evaluate(state["ema_params"])
+          for split, values in eval_metrics.items():
+            logger.write(step, values, split=split)
+        if do_save:
+          self.checkpointer.save(step, state, train_iter, self._meta(step), force=True)
+    finally:
+      self.checkpointer.close()
+      logger.close()
+
+    wall = time.time() - t_start
+    summary = {
+        "final_step": c.total_steps, "start_step": start_step, "train": train_metrics,
+        **eval_metrics, "wall_time_s": wall, "steps_run": steps_run,
+        "images_per_s": steps_run * c.batch_size / wall if wall > 0 else None,
+        "num_params": self.num_params, "devices": jax.device_count(),
+        "processes": jax.process_count(), "mesh": dict(self.mesh.shape),
+    }
+    if primary:
+      metrics_lib.write_summary(self.workdir, summary)
+    return summary
+
+
+def run(config, workdir: str) -> Dict[str, Any]:
+  """Trains per `config` in `workdir` (resuming from its checkpoints); returns the summary."""
+  maybe_initialize_distributed(config.distributed)
+  return Trainer(config, workdir).run()

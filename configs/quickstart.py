@@ -3,13 +3,15 @@
   python -m vitoken.train --config=configs/quickstart.py --workdir=/tmp/quickstart
   python -m vitoken.train --config=configs/quickstart.py:runlocal --workdir=/tmp/smoke
 
-Arguments (comma-separated): variant=<ViT variant>, runlocal (a seconds-long smoke test).
+Arguments (comma-separated): variant=<ViT variant>, runlocal (a seconds-long smoke test),
+tome=<r> (train and evaluate with ToMe merging r tokens per layer), eval_tome=<r> (ToMe for
+evaluation only, e.g. on a model trained dense; proportional attention on, as off the shelf).
 """
 from vitoken.train.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, variant="Ti/8", runlocal=False)
+  arg = parse_arg(arg, variant="Ti/8", runlocal=False, tome=0, eval_tome=-1)
   c = base_config()
   c.seed = 0
   c.data.name = "cluttered_digits"
@@ -28,6 +30,12 @@ def get_config(arg=None):
   c.log_every_steps = 50
   c.eval_every_steps = 600
   c.checkpoint.every_steps = 600
+
+  if arg.tome:
+    # Training with ToMe: the reference recommends no proportional attention.
+    c.model.token_reduction = {"method": "tome", "r": arg.tome, "prop_attn": False}
+  if arg.eval_tome >= 0:
+    c.eval_model_overrides = {"token_reduction": {"method": "tome", "r": arg.eval_tome, "prop_attn": True}}
 
   if arg.runlocal:
     c.model.update(depth=2)

@@ -2,6 +2,7 @@
 forming one multi-host run over localhost (CPU collectives)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,9 +92,10 @@ def test_two_processes_train_in_sync_and_write_one_checkpoint(tmp_path):
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
-  summaries = [line for out in outs for line in out.splitlines() if line.startswith("summary:")]
-  assert len(summaries) == 2 and summaries[0].split(" img/s")[0].rsplit(",", 1)[0] == \
-      summaries[1].split(" img/s")[0].rsplit(",", 1)[0], summaries
+  # Both processes computed the same eval accuracy and train loss (wall times may differ).
+  results = [re.search(r"^summary: (\{.*\}) train loss (\S+),", out, re.M) for out in outs]
+  assert all(results), outs
+  assert results[0].groups() == results[1].groups()
   summary = json.load(open(workdir / "summary.json"))
   assert summary["processes"] == 2 and summary["devices"] == 4
   assert _steps(workdir) == [4, 6]

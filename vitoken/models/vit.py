@@ -284,10 +284,13 @@ class VisionTransformer(nn.Module):
     if self.pool_type == "tok":
       return x[:, 0]
     if self.pool_type == "gap":
-      if mask is None:
-        return tokens.mean(axis=1)
-      w = mask.astype(tokens.dtype)[..., None]
-      return (tokens * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1)
+      # Each token stands for `size` patches (merging), so the mean over the original patches
+      # is size-weighted, as the ToMe reference does for average-pooled (MAE) models.
+      w = state.size[:, p:]
+      if mask is not None:
+        w = w * mask
+      w = w.astype(tokens.dtype)[..., None]
+      return (tokens * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-6)
     if self.pool_type == "map":
       return MAPHead(self.num_heads, self.mlp_dim or 4 * self.width, self.gelu_approximate,
                      self.layer_norm_eps, self.attention_impl, self.dtype, self.param_dtype,

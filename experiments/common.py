@@ -1,0 +1,46 @@
+"""What the experiment scripts share: timing a jitted function, FLOPs from XLA, tables."""
+import json
+import os
+import time
+from typing import Callable, Dict, List, Sequence
+
+import jax
+
+
+def flops(jitted: Callable, *args) -> float:
+  """FLOPs of one call, from XLA's cost analysis of the compiled program."""
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def throughput(fn: Callable, *args, batch: int, warmup: int = 2, iters: int = 10) -> float:
+  """Items per second of `fn(*args)` after warm-up; waits for the device each time."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return batch * iters / (time.perf_counter() - start)
+
+
+def markdown_table(rows: List[Dict], columns: Sequence[str]) -> str:
+  def fmt(v):
+    return f"{v:,.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_results(out_dir: str, name: str, rows: List[Dict], table: str, meta: Dict) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write(f"<!-- {json.dumps(meta)} -->\n{table}\n")
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}"

@@ -1,0 +1,62 @@
+"""Pictures of what token reduction did: which patches ended up in the same token."""
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def token_groups(source, num_prefix: int, grid: Sequence[int]) -> np.ndarray:
+  """[gh, gw] map: the index of the token that holds each patch (one example's source [N, N0])."""
+  source = np.asarray(source)
+  return source[:, num_prefix:].argmax(axis=0).reshape(tuple(grid))
+
+
+def _rgb01(image) -> np.ndarray:
+  """Any [H, W, C] image (uint8, [0, 1] or normalised to [-1, 1]) as float RGB in [0, 1]."""
+  img = np.asarray(image, np.float32)
+  if img.ndim != 3:
+    raise ValueError(f"image must be [H, W, C], got shape {img.shape}")
+  if img.max() > 1.5:
+    img = img / 255.0
+  elif img.min() < 0:
+    img = (img + 1.0) / 2.0
+  img = np.clip(img, 0, 1)
+  return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+
+
+def merge_groups_image(image, source, *, num_prefix: int, grid: Sequence[int]) -> np.ndarray:
+  """Paints every group of merged patches with its mean colour, outlined, as ToMe's figures do.
+
+  image: [H, W, C] (uint8, or float in [0, 1] / [-1, 1]); source: [N, N0] for this example.
+  Returns uint8 [H, W, 3].
+  """
+  img = _rgb01(image)
+  gh, gw = grid
+  h, w = img.shape[:2]
+  if h % gh or w % gw:
+    raise ValueError(f"image {h}x{w} is not a whole number of {gh}x{gw} patches")
+  ph, pw = h // gh, w // gw
+  groups = token_groups(source, num_prefix, grid)
+  pixel_groups = np.kron(groups, np.ones((ph, pw), dtype=groups.dtype))
+  out = np.zeros_like(img)
+  for g in np.unique(groups):
+    sel = pixel_groups == g
+    out[sel] = img[sel].mean(axis=0)
+  edge = np.zeros((h, w), bool)
+  edge[:, 1:] |= pixel_groups[:, 1:] != pixel_groups[:, :-1]
+  edge[1:, :] |= pixel_groups[1:, :] != pixel_groups[:-1, :]
+  out[edge] = out[edge] * 0.3 + 0.7
+  return (out * 255).round().astype(np.uint8)
+
+
+def save_merge_png(path: str, image, source, *, num_prefix: int, grid: Sequence[int],
+                   scale: int = 1) -> str:
+  """Writes the original image and its merged groups side by side as a PNG."""
+  painted = merge_groups_image(image, source, num_prefix=num_prefix, grid=grid)
+  original = (_rgb01(image) * 255).round().astype(np.uint8)
+  both = np.concatenate([original, np.full((original.shape[0], 4, 3), 255, np.uint8), painted], axis=1)
+  pic = Image.fromarray(both)
+  if scale > 1:
+    pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+  pic.save(path)
+  return path

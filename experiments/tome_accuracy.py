@@ -79,6 +79,7 @@ def _plot(rows, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(5, 3.5))
+  rows = sorted(rows, key=lambda r: r["GFLOPs/img"])
   ax.plot([r["GFLOPs/img"] for r in rows], [100 * r["accuracy"] for r in rows], "o-")
   for r in rows:
     ax.annotate(f"r={r['r']}", (r["GFLOPs/img"], 100 * r["accuracy"]), fontsize=8,

@@ -28,6 +28,11 @@ CLS_ATTN = "cls_attn"  # [B, N] class-token attention averaged over heads (EViT)
 BLOCK_NEEDS = (KEYS_MEAN, CLS_ATTN)
 
 
+def take_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
+  """Batched gather along the token axis: x [B, T, ...], indices [B, K] -> [B, K, ...]."""
+  return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 @flax.struct.dataclass
 class TokenState:
   """Everything a block and its reducers know about the current token sequence.
@@ -71,9 +76,7 @@ class TokenState:
 
   def gather(self, indices: jax.Array) -> "TokenState":
     """Keeps tokens `indices` [B, K] (batched gather of every per-token field)."""
-    moved = {name: jnp.take_along_axis(a, indices.reshape(indices.shape + (1,) * (a.ndim - 2)), axis=1)
-             for name, a in self.per_token_fields().items()}
-    return self.replace(**moved)
+    return self.replace(**{name: take_tokens(a, indices) for name, a in self.per_token_fields().items()})
 
 
 @flax.struct.dataclass

@@ -69,20 +69,14 @@ class Matching(NamedTuple):
   prefix_order: tuple = ()  # for each protected output slot: ("a" | "b", position)
 
 
-def _take(x, idx):
-  """Batched gather along the token axis (axis 1) of x [B, T, ...] with idx [B, n]."""
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
 def _normalize(metric):
   metric = jax.lax.stop_gradient(metric).astype(jnp.float32)
   return metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
 
 
 def _best_match(a, b):
-  """For each row of a: (max cosine score, index of the best row of b)."""
-  scores = jnp.einsum("bic,bjc->bij", a, b)
-  return scores, scores.max(axis=-1), scores.argmax(axis=-1)
+  """For each row of a, the index of the most similar row of b."""
+  return jnp.einsum("bic,bjc->bij", a, b).argmax(axis=-1)
 
 
 def bipartite_soft_matching(metric, r: int, num_protected: int = 0) -> Matching:
@@ -116,7 +110,7 @@ def kth_bipartite_soft_matching(metric, k: int, num_protected: int = 0) -> Match
   pos = jnp.arange(num_protected, num_protected + n).reshape(-1, k)
   a_pos, b_pos = pos[:, :k - 1].reshape(-1), pos[:, k - 1]
   metric = _normalize(metric)
-  _, _, dst = _best_match(metric[:, a_pos], metric[:, b_pos])
+  dst = _best_match(metric[:, a_pos], metric[:, b_pos])
   batch = lambda v: jnp.broadcast_to(v, (b,) + v.shape)
   return _all_merge(batch(a_pos), batch(b_pos), dst, num_protected)
 
@@ -129,7 +123,7 @@ def random_bipartite_soft_matching(metric, r: int, rng, num_protected: int = 0) 
   perm = jnp.argsort(jax.random.uniform(rng, (b, n)), axis=1) + num_protected
   a_idx, b_idx = perm[:, :r], perm[:, r:]
   metric = _normalize(metric)
-  _, _, dst = _best_match(_take(metric, a_idx), _take(metric, b_idx))
+  dst = _best_match(base.take_tokens(metric, a_idx), base.take_tokens(metric, b_idx))
   return _all_merge(a_idx, b_idx, dst, num_protected)
 
 
@@ -146,8 +140,8 @@ def _all_merge(a_idx, b_idx, dst_idx, num_protected) -> Matching:
 def merge(m: Matching, x, mode: str = "sum"):
   """Applies a matching to x [B, T, ...]: "sum" and "max" reduce merged tokens into their
   destination, "keep" leaves destinations as they are (e.g. for token ids)."""
-  a, bb = _take(x, m.a_idx), _take(x, m.b_idx)
-  unm, src = _take(a, m.unm_idx), _take(a, m.src_idx)
+  a, bb = base.take_tokens(x, m.a_idx), base.take_tokens(x, m.b_idx)
+  unm, src = base.take_tokens(a, m.unm_idx), base.take_tokens(a, m.src_idx)
   if mode != "keep":
     rows = jnp.arange(x.shape[0])[:, None]
     at = bb.at[rows, m.dst_idx]

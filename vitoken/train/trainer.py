@@ -176,15 +176,15 @@ class Trainer:
 
     micro = jax.tree.map(split, {"image": batch["image"], "labels": batch["labels"]})
 
-    def body(carry, xs):
-      i, mb = xs
+    def micro_grads(i, mb):
       (_, m), g = grad_fn(params, mb["image"], mb["labels"], jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (g, m)), None
+      return g, m
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)["image"],
-                        jax.tree.map(lambda x: x[0], micro)["labels"], rng)))
-    init = (zeros[1], zeros[0][1])
+    def body(carry, xs):
+      return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    init = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_grads, 0, first))
     (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
     return jax.tree.map(lambda x: x / accum, (grads, metrics))
 

@@ -5,13 +5,14 @@
 
 Arguments (comma-separated): variant=<ViT variant>, runlocal (a seconds-long smoke test),
 tome=<r> (train and evaluate with ToMe merging r tokens per layer), eval_tome=<r> (ToMe for
-evaluation only, e.g. on a model trained dense; proportional attention on, as off the shelf).
+evaluation only, e.g. on a model trained dense; proportional attention on, as off the shelf),
+distill_from=<workdir> (train with the distillation task, that run as the frozen teacher).
 """
 from vitoken.train.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, variant="Ti/8", runlocal=False, tome=0, eval_tome=-1)
+  arg = parse_arg(arg, variant="Ti/8", runlocal=False, tome=0, eval_tome=-1, distill_from="")
   c = base_config()
   c.seed = 0
   c.data.name = "cluttered_digits"
@@ -36,6 +37,10 @@ def get_config(arg=None):
     c.model.token_reduction = {"method": "tome", "r": arg.tome, "prop_attn": False}
   if arg.eval_tome >= 0:
     c.eval_model_overrides = {"token_reduction": {"method": "tome", "r": arg.eval_tome, "prop_attn": True}}
+
+  if arg.distill_from:
+    c.task = {"name": "distillation", "teacher": {"path": arg.distill_from},
+              "ce_weight": 0.5, "logit_weight": 0.5, "temperature": 1.0, "token_weight": 0.0}
 
   if arg.runlocal:
     c.model.update(depth=2)

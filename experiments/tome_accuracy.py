@@ -9,7 +9,6 @@ proportional attention on), and writes a table (r, GFLOPs, images/s, accuracy) a
 to experiments/results/tome_accuracy.{md,json,png}.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -21,13 +20,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import common  # noqa: E402
 from vitoken.data import pipeline  # noqa: E402
-from vitoken.train import checkpoint as ckpt_lib, trainer  # noqa: E402
-
-
-def _run_config(workdir):
-  step_dir = os.path.dirname(ckpt_lib.find_checkpoint(workdir))
-  with open(os.path.join(step_dir, "meta", "metadata")) as f:
-    return ml_collections.ConfigDict(json.load(f)["config"])
+from vitoken import tasks  # noqa: E402
+from vitoken.train import checkpoint as ckpt_lib  # noqa: E402
 
 
 def main(argv=None):
@@ -38,7 +32,7 @@ def main(argv=None):
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args(argv)
 
-  config = _run_config(args.workdir)
+  config = ckpt_lib.load_run_config(args.workdir)
   info = pipeline.dataset_info(config.data)
   params = jax.tree.map(jnp.asarray, ckpt_lib.load_params(args.workdir))
   rows = []
@@ -49,7 +43,7 @@ def main(argv=None):
     if inflection:
       tome["inflection"] = float(inflection)
     config.eval_model_overrides = ml_collections.ConfigDict({"token_reduction": tome} if r else {})
-    _, model = trainer.build_model(config, info)
+    model = tasks.vit_from_config(config.model, info, overrides=config.eval_model_overrides)
     predict = jax.jit(lambda x, m=model: m.apply({"params": params}, x)[0].argmax(-1))
     correct = total = 0
     for batch in pipeline.eval_iterator(config.data, global_batch_size=args.batch):

@@ -259,7 +259,7 @@ def test_worker_processes_give_the_same_batches(digits_dir):
 
 
 @pytest.mark.parametrize("config,error,pattern", [
-    ({"colour": "red"}, ValueError, r"unknown data config key\(s\) \['colour'\]"),
+    ({"colour": "red"}, ValueError, r"unknown data config key 'colour'; allowed keys: \['build'"),
     ({"name": "no_such_dataset"}, ValueError, "unknown dataset name 'no_such_dataset'"),
     ({"image_size": 0}, ValueError, "image_size must be a positive int"),
     ({"mix_prob": 2.0}, ValueError, r"mix_prob must lie in \[0, 1\]"),

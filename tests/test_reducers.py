@@ -22,7 +22,7 @@ def _model(**kw):
 class KeepFirst(base.Reducer):
   """Keeps the first `keep` tokens; records what the block handed it."""
   keep: int = 0
-  stage = base.POST_ATTN
+  stages = (base.POST_ATTN,)
   needs = frozenset({base.KEYS_MEAN, base.CLS_ATTN})
 
   @classmethod
@@ -41,7 +41,7 @@ class KeepFirst(base.Reducer):
 @base.register("test_mask_half")
 class MaskHalf(base.Reducer):
   """Soft pruning: masks out the second half of the patch tokens without changing shapes."""
-  stage = base.PRE_BLOCK
+  stages = (base.PRE_BLOCK,)
   changes_shape = False
   proportional_attention = True
 
@@ -59,7 +59,7 @@ def _apply(model, variables=None, **kw):
 
 @pytest.mark.parametrize("spec", [
     {"method": "identity"},
-    [{"method": "identity"}, {"method": "identity", "layers": [0, 2]}],
+    [{"method": "identity"}, {"method": "identity", "name": "identity_b", "layers": [0, 2]}],
     ml_collections.ConfigDict({"method": "identity"}),
 ], ids=["dict", "list", "configdict"])
 @pytest.mark.parametrize("pool_type", ["tok", "gap", "map"])
@@ -92,10 +92,10 @@ def test_reducer_changes_token_count_and_reports_aux():
   counts = [aux["blocks"][f"block_{i:02d}"].shape[1] for i in range(4)]
   assert counts == [17, 9, 9, 9]
   assert logits.shape == (2, 7)
-  assert set(aux["losses"]) == {"block_01/test_keep_first_0/kept_fraction",
-                                "block_02/test_keep_first_0/kept_fraction"}
-  np.testing.assert_allclose(aux["losses"]["block_01/test_keep_first_0/kept_fraction"], 9 / 17)
-  rec = aux["reduction"]["block_01/test_keep_first_0"]
+  assert set(aux["losses"]) == {"block_01/test_keep_first/kept_fraction",
+                                "block_02/test_keep_first/kept_fraction"}
+  np.testing.assert_allclose(aux["losses"]["block_01/test_keep_first/kept_fraction"], 9 / 17)
+  rec = aux["reduction"]["block_01/test_keep_first"]
   assert rec["keys_mean_shape"].shape == (2, 17)  # keys averaged over heads, one row per token
   np.testing.assert_allclose(rec["cls_attn"].sum(-1), 1.0, rtol=1e-5)
   state = aux["state"]
@@ -144,7 +144,7 @@ def test_plan_is_static_and_scan_rejects_shape_changes():
 
 @pytest.mark.parametrize("spec,pattern", [
     ({"method": "nope"}, r"unknown token_reduction method 'nope'; known: \[.*'identity'"),
-    ({"method": "identity", "r": 3}, r"unknown setting\(s\) \['r'\] for token_reduction method 'identity'"),
+    ({"method": "identity", "r": 3}, r"unknown token_reduction method 'identity' key 'r'; allowed keys: \['layers'\]"),
     ({"method": "test_keep_first", "layers": [4]}, "targets layer 4, but the ViT has 4 layers"),
     ({"r": 3}, "needs a 'method' key"),
     ("tome", "must be a dict, a list of dicts or None"),
@@ -159,3 +159,33 @@ def test_reducer_may_not_eat_protected_tokens():
   model = _model(num_registers=2, token_reduction={"method": "test_keep_first", "keep": 2})
   with pytest.raises(ValueError, match="layer 1: test_keep_first would keep 2 tokens but 3 are protected"):
     _apply(model)
+
+
+@base.register("skip_block")
+class SkipBlock(base.Reducer):
+  """The README's two-stage example, verbatim."""
+  stages = (base.PRE_BLOCK, base.POST_BLOCK)
+  changes_shape = False
+
+  @classmethod
+  def layer_settings(cls, depth, layers=(0,)):   # the config schema
+    return {i: {} for i in layers}
+
+  def __call__(self, state, info, *, train=False):
+    if info.stage == base.PRE_BLOCK:
+      return state.put(self.name, "x", state.x, per_token=True), {}
+    stashed, state = state.pop(self.name, "x")
+    return state.replace(x=0.5 * (state.x + stashed)), {}
+
+
+def test_readme_two_stage_example_halves_the_block_update():
+  spec = [{"method": "skip_block", "layers": [2], "name": "skip"}]
+  variables, (_, aux) = _apply(_model(token_reduction=spec))
+  _, (_, plain) = _apply(_model(), variables)
+  before, after = plain["blocks"]["block_01"], plain["blocks"]["block_02"]
+  np.testing.assert_allclose(aux["blocks"]["block_02"], 0.5 * (before + after), rtol=1e-5, atol=1e-5)
+  assert not aux["state"].carry  # popped again after the block
+  # With ToMe at every layer the stash is merged along with the tokens at layer 2.
+  spec = [{"method": "tome", "r": 2}] + spec
+  _, (_, aux) = _apply(_model(token_reduction=spec), variables)
+  assert aux["blocks"]["block_02"].shape[1] == 17 - 3 * 2

@@ -29,6 +29,27 @@ def losses(workdir, split="train", key="loss"):
   return [r[key] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == split]
 
 
+def run_preempted(monkeypatch, config, workdir, *, at_call: int):
+  """Runs `config` in `workdir` and interrupts it at its `at_call`-th step, as a preemption."""
+  original_init = trainer.Trainer.__init__
+
+  def init_then_preempt(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    step_fn, calls = self.train_step, []
+
+    def step(state, *args):
+      calls.append(1)
+      if len(calls) == at_call:
+        raise RuntimeError(f"preempted at step {at_call}")
+      return step_fn(state, *args)
+    self.train_step = step
+
+  with monkeypatch.context() as m:
+    m.setattr(trainer.Trainer, "__init__", init_then_preempt)
+    with pytest.raises(RuntimeError, match=f"preempted at step {at_call}"):
+      trainer.run(config, str(workdir))
+
+
 def test_smoke_run_writes_everything(tmp_path):
   summary = trainer.run(smoke_config(), str(tmp_path))
   assert summary["final_step"] == 12 and summary["steps_run"] == 12
@@ -57,23 +78,7 @@ def test_resume_continues_and_matches_uninterrupted_run(tmp_path, monkeypatch):
   full, part = tmp_path / "full", tmp_path / "part"
   trainer.run(smoke_config(), str(full))
   # Interrupt the same config after step 9 (the last checkpoint is step 8).
-  original_init = trainer.Trainer.__init__
-
-  def init_then_preempt_at_step_9(self, *args, **kwargs):
-    original_init(self, *args, **kwargs)
-    step_fn, calls = self.train_step, []
-
-    def step(state, batch):
-      calls.append(1)
-      if len(calls) == 9:
-        raise RuntimeError("preempted at step 9")
-      return step_fn(state, batch)
-    self.train_step = step
-
-  with monkeypatch.context() as m:
-    m.setattr(trainer.Trainer, "__init__", init_then_preempt_at_step_9)
-    with pytest.raises(RuntimeError, match="preempted at step 9"):
-      trainer.run(smoke_config(), str(part))
+  run_preempted(monkeypatch, smoke_config(), part, at_call=9)
   # Resume onto another mesh: the checkpoint was written with the default (8, 1, 1) layout.
   summary = trainer.run(smoke_config(mesh=dict(data=2, fsdp=2, tensor=2)), str(part))
   assert summary["start_step"] == 8 and summary["steps_run"] == 4
@@ -127,8 +132,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_says_so(tmp_path, capsys):
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   original = trainer.Trainer._train_step
 
-  def poisoned(self, state, batch):
-    new, metrics = original(self, state, batch)
+  def poisoned(self, state, *args):
+    new, metrics = original(self, state, *args)
     metrics["loss"] = jax.numpy.where(state["step"] >= 5, jax.numpy.nan, metrics["loss"])
     return new, metrics
 

@@ -27,7 +27,7 @@ import dataclasses
 import math
 import os
 import pathlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
 import grain
@@ -37,6 +37,7 @@ from ml_collections import config_dict
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vitoken import settings as settings_lib
 from vitoken.data import cluttered_digits
 from vitoken.data import ops
 
@@ -72,7 +73,11 @@ _READ_THREADS = 2
 _PREFETCH_BATCHES = 4
 
 # Independent random streams derived from the user's seed.
-_SHUFFLE_STREAM, _EXAMPLE_STREAM, _BATCH_STREAM = range(3)
+_SHUFFLE_STREAM, _EXAMPLE_STREAM, _BATCH_STREAM, _TASK_STREAM = range(4)
+
+# A task's extra batch fields: (batch of numpy arrays, generator) -> batch. Must be picklable
+# (a module-level class or function) for worker_count > 0.
+BatchFields = Callable[[Dict[str, np.ndarray], np.random.Generator], Dict[str, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +108,16 @@ def dataset_info(data_config) -> DataInfo:
 
 
 def train_iterator(data_config, *, global_batch_size: int, seed: int,
-                   process_index: Optional[int] = None, process_count: Optional[int] = None):
+                   process_index: Optional[int] = None, process_count: Optional[int] = None,
+                   labels: bool = True, batch_fields: Optional[BatchFields] = None):
   """Infinite, shuffled, augmented batches of this process's shard of the train split.
 
   Yields {"image": float32 [B, H, W, C], "labels": float32 [B, num_classes]} with
-  B = global_batch_size // process_count. Returns a grain `DatasetIterator`: `get_state()`
-  / `set_state()` (or grain.checkpoint.CheckpointSave/Restore) resume it exactly.
+  B = global_batch_size // process_count (no "labels" with labels=False). `batch_fields`
+  (a task's `(batch, np.random.Generator) -> batch`) then adds fields such as masks; its
+  generator is seeded by the batch's position, so they are reproduced exactly on resume.
+  Returns a grain `DatasetIterator`: `get_state()` / `set_state()` (or
+  grain.checkpoint.CheckpointSave/Restore) resume it exactly.
   """
   settings = _Settings.parse(data_config)
   process_index, process_count = _process(process_index, process_count)
@@ -129,15 +138,19 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
              .random_map(_TrainExample(settings, split.channels), seed=stream_seed(_EXAMPLE_STREAM))
              .batch(local_batch, drop_remainder=True)
              .random_map(_TrainBatch(settings, split.num_classes), seed=stream_seed(_BATCH_STREAM)))
+  dataset = _with_task_fields(dataset, labels, batch_fields, stream_seed(_TASK_STREAM))
   return _iterate(dataset, settings.worker_count)
 
 
 def eval_iterator(data_config, *, global_batch_size: int,
-                  process_index: Optional[int] = None, process_count: Optional[int] = None):
+                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  labels: bool = True, batch_fields: Optional[BatchFields] = None, seed: int = 0):
   """One pass over the eval split, padded to whole global batches, without augmentation.
 
   Yields {"image": float32 [B, H, W, C], "labels": int32 [B], "mask": bool [B]};
-  every process yields ceil(N / global_batch_size) batches.
+  every process yields ceil(N / global_batch_size) batches. `labels` and `batch_fields` as
+  for `train_iterator` (the fields' randomness depends on `seed` and the batch only, so every
+  evaluation sees the same fields).
   """
   settings = _Settings.parse(data_config)
   process_index, process_count = _process(process_index, process_count)
@@ -149,7 +162,17 @@ def eval_iterator(data_config, *, global_batch_size: int,
              .map(_EvalExample(settings, split.channels))
              .batch(local_batch, drop_remainder=True)
              .map(_EvalBatch(settings)))
+  dataset = _with_task_fields(dataset, labels, batch_fields,
+                              _stream_seed(seed, process_index, _TASK_STREAM))
   return _iterate(dataset, settings.worker_count)
+
+
+def _with_task_fields(dataset, labels: bool, batch_fields, seed: int):
+  if not labels:
+    dataset = dataset.map(_DropLabels())
+  if batch_fields is not None:
+    dataset = dataset.random_map(_TaskFields(batch_fields), seed=seed)
+  return dataset
 
 
 # ----------------------------------------------------------------------------- config
@@ -181,11 +204,7 @@ class _Settings:
 
   @classmethod
   def parse(cls, data_config) -> "_Settings":
-    given = _as_dict(data_config)
-    unknown = sorted(set(given) - set(_DEFAULTS))
-    if unknown:
-      raise ValueError(f"unknown data config key(s) {unknown}; known keys: {sorted(_DEFAULTS)}")
-    values = {**_DEFAULTS, **given}
+    values = settings_lib.resolve(data_config, _DEFAULTS, "data config")
     for key in ("crop_scale", "crop_ratio", "mean", "std"):
       values[key] = _float_tuple(key, values[key])
     for key in ("folder", "data_dir"):
@@ -213,16 +232,6 @@ class _Settings:
       value = getattr(self, key)
       _check(value is None or (isinstance(value, (int, np.integer)) and value > 0),
              f"{key} must be None or a positive int, got {value!r}")
-
-
-def _as_dict(data_config) -> Dict[str, Any]:
-  if data_config is None:
-    return {}
-  if isinstance(data_config, ml_collections.ConfigDict):
-    return data_config.to_dict()
-  if isinstance(data_config, Mapping):
-    return dict(data_config)
-  raise TypeError(f"data_config must be a ConfigDict or a dict, got {type(data_config).__name__}")
 
 
 def _float_tuple(key: str, value) -> Tuple[float, ...]:
@@ -520,6 +529,27 @@ class _EvalExample(grain.transforms.Map):
               "labels": np.int32(0), "mask": np.bool_(False)}
     image = ops.resize(ops.decode(example["image"], self._channels), self._size)
     return {"image": image, "labels": np.int32(example["label"]), "mask": np.bool_(True)}
+
+
+class _DropLabels(grain.transforms.Map):
+  """Label-free batches for tasks that learn from images alone."""
+
+  def map(self, batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+class _TaskFields(grain.transforms.RandomMap):
+  """Runs a task's `batch_fields` with grain's per-element generator."""
+
+  def __init__(self, fn: BatchFields):
+    self._fn = fn
+
+  def random_map(self, batch, rng: np.random.Generator):
+    out = self._fn(dict(batch), rng)
+    if not isinstance(out, dict) or "image" not in out:
+      raise ValueError(f"a task's batch_fields must return the batch dict (with 'image'), got "
+                       f"{type(out).__name__}")
+    return out
 
 
 class _EvalBatch(grain.transforms.Map):

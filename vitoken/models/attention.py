@@ -27,11 +27,27 @@ def _masked_logits(logits, bias, key_mask):
   return logits
 
 
-def attention_probs(q, k, *, bias=None, key_mask=None):
-  """Explicit softmax(q k^T / sqrt(d) + bias) in float32: [B, H, Nq, Nk]."""
+POLICY_EPS = 1e-6  # DynamicViT's softmax_with_policy eps
+
+
+def attention_probs(q, k, *, bias=None, key_mask=None, policy=None, query_offset: int = 0):
+  """Explicit softmax(q k^T / sqrt(d) + bias) in float32: [B, H, Nq, Nk].
+
+  With a keep `policy` [B, Nk] (float weights in [0, 1]) this is DynamicViT's
+  softmax_with_policy: exp(logit - max) times the key's weight, where every query keeps full
+  weight on itself (query i is key i + query_offset), then (a + eps/Nk) / (sum a + eps).
+  """
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-  return jax.nn.softmax(_masked_logits(logits, bias, key_mask), axis=-1)
+  logits = _masked_logits(logits, bias, key_mask)
+  if policy is None:
+    return jax.nn.softmax(logits, axis=-1)
+  nq, nk = logits.shape[-2:]
+  eye = (jnp.arange(nq)[:, None] + query_offset == jnp.arange(nk)[None, :]).astype(jnp.float32)
+  weights = policy.astype(jnp.float32)[:, None, None, :]
+  weights = weights + (1.0 - weights) * eye
+  a = jnp.exp(logits - logits.max(axis=-1, keepdims=True)) * weights
+  return (a + POLICY_EPS / nk) / (a.sum(axis=-1, keepdims=True) + POLICY_EPS)
 
 
 def fused_attention(q, k, v, *, bias=None, key_mask=None, implementation=None):
@@ -52,9 +68,13 @@ class SelfAttention(nn.Module):
   implementation: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, *, bias=None, key_mask=None, need_keys_mean=False,
+  def __call__(self, x, *, bias=None, key_mask=None, policy=None, need_keys_mean=False,
                need_cls_attn=False, return_probs=False):
-    """Returns (out [B, N, C], info) where info holds what was asked for."""
+    """Returns (out [B, N, C], info) where info holds what was asked for.
+
+    A keep `policy` [B, N] needs the explicit attention (DynamicViT's formula); otherwise the
+    fused path runs unless the probabilities are asked for.
+    """
     _, _, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -71,17 +91,19 @@ class SelfAttention(nn.Module):
     mask4 = None if key_mask is None else key_mask[:, None, None, :]
 
     info: Dict[str, jax.Array] = {}
-    if return_probs:
-      probs = attention_probs(q, k, bias=bias, key_mask=mask4)
+    if return_probs or policy is not None:
+      probs = attention_probs(q, k, bias=bias, key_mask=mask4, policy=policy)
       out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-      info["probs"] = probs
+      if return_probs:
+        info["probs"] = probs
     else:
       out = fused_attention(q, k, v, bias=bias, key_mask=key_mask, implementation=self.implementation)
     if need_keys_mean:
       info["keys_mean"] = k.mean(axis=2)
     if need_cls_attn:
       row_bias = None if bias is None else bias[..., :1, :]
-      cls_probs = attention_probs(q[:, :1], k, bias=row_bias, key_mask=mask4)  # [B, H, 1, N]
+      cls_probs = attention_probs(q[:, :1], k, bias=row_bias, key_mask=mask4,
+                                  policy=policy)  # [B, H, 1, N]
       info["cls_attn"] = cls_probs[:, :, 0].mean(axis=1)
     out = nn.DenseGeneral(width, axis=(-2, -1), name="out", **init)(out)
     return out, info

@@ -4,12 +4,14 @@ Numerically the same network as timm's `VisionTransformer` and big_vision's `vit
 fields (class token or pooling, position-embedding layout, GELU form, ...) that the weight
 converters in `vitoken.convert` set. Call as `logits, aux = model.apply(variables, images)`.
 """
+import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitoken import settings as settings_lib
 from vitoken.models import attention as attention_lib
 from vitoken.models import layers, posemb as posemb_lib, variants
 from vitoken.models.reducers import base as rbase
@@ -27,12 +29,25 @@ def _block_name(layer: int) -> str:
   return f"block_{layer:02d}"
 
 
+def _auto_name(name: str) -> bool:
+  """Flax's automatic submodule names (Dropout_0, ...), which an entry name must not shadow."""
+  return re.fullmatch(r"[A-Z][A-Za-z0-9]*_\d+", name) is not None
+
+
+# Names the block and the ViT give their own submodules, parameters and carried arrays; a
+# reducer entry may not take them.
+BLOCK_NAMES = ("attn", "norm1", "norm2", "mlp", "ls1", "ls2", rbase.BLOCK_OWNER)
+TOP_NAMES = ("embedding", "cls", "registers", "pos_embedding", "norm_pre", "encoder_norm",
+             "fc_norm", "map_head", "pre_logits", "head", "blocks")
+
+
 class EncoderBlock(nn.Module):
   """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x)), with this layer's reducers."""
   num_heads: int
   mlp_dim: int
-  layer: int = 0
+  layer: Optional[int] = 0  # None inside a scanned encoder (the index arrives traced)
   reducers: Tuple[rbase.PlannedReducer, ...] = ()
+  context: Optional[rbase.ModelContext] = None
   proportional_attention: bool = False
   dropout: float = 0.0
   drop_path_rate: float = 0.0
@@ -47,12 +62,18 @@ class EncoderBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, state: rbase.TokenState, drop_rate=None):
-    """`drop_rate` overrides `drop_path_rate` (a traced per-layer value under nn.scan)."""
+  def __call__(self, state: rbase.TokenState, drop_rate=None, layer_index=None, run=None):
+    """`drop_rate` overrides `drop_path_rate` and `layer_index` the layer (traced values under
+    nn.scan); `run` holds the training progress and extra inputs that reach the reducers."""
     rate = self.drop_path_rate if drop_rate is None else drop_rate
-    built = [p.build(self.layer, name=f"{p.cls.method_name()}_{j}")
-             for j, p in enumerate(self.reducers)]
+    layer = self.layer if layer_index is None else layer_index
+    run = run or {}
+    built = [p.build(self.layer, self.context) for p in self.reducers]
     needs = frozenset().union(*(r.needs for r in built))
+    # The block's per-token information rides in the state (moved by every gather and merge)
+    # when more than one reducer call follows the attention, so each reads it fresh.
+    after_attn = sum(s in (rbase.POST_ATTN, rbase.POST_BLOCK) for r in built for s in r.stages)
+    carry_info = bool(needs) and after_attn > 1
     out: Dict[str, Any] = {"losses": {}, "reduction": {}}
     norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
@@ -62,16 +83,39 @@ class EncoderBlock(nn.Module):
         y = layers.LayerScale(self.layer_scale_init, self.param_dtype, name=scale_name)(y)
       return x + layers.drop_path(self, y, rate, deterministic=self.deterministic)
 
-    def run(stage, state, info):
+    def stage_info(stage, state, attn):
+      fields = {}
+      for need in needs:
+        if stage == rbase.PRE_BLOCK:
+          continue
+        if carry_info:
+          if state.has(rbase.BLOCK_OWNER, need):
+            fields[need] = state.get(rbase.BLOCK_OWNER, need)
+        else:
+          fields[need] = attn.get(need)
+      return rbase.BlockInfo(layer=layer, stage=stage, step=run.get("step"),
+                             progress=run.get("progress", 1.0), inputs=run.get("inputs", {}),
+                             **fields)
+
+    def run_stage(stage, state, attn=None):
       for reducer in built:
-        if reducer.stage == stage:
-          state, aux = reducer(state, info, train=not self.deterministic)
-          out["losses"].update({f"{reducer.name}/{k}": v for k, v in aux.pop("losses", {}).items()})
-          if aux:
-            out["reduction"][reducer.name] = aux
+        if stage not in reducer.stages:
+          continue
+        info = stage_info(stage, state, attn or {})
+        missing = [n for n in reducer.needs if stage != rbase.PRE_BLOCK and getattr(info, n) is None]
+        if missing:
+          raise ValueError(f"{reducer.where}: {reducer.name} needs {missing}, but an earlier "
+                           "reducer at this stage replaced the tokens without carrying them")
+        state, aux = reducer(state, info, train=not self.deterministic)
+        # A multi-stage method's losses and records are keyed by stage too, so none of one
+        # stage overwrites another's.
+        key = reducer.name if len(reducer.stages) == 1 else f"{reducer.name}/{stage}"
+        out["losses"].update({f"{key}/{k}": v for k, v in aux.pop("losses", {}).items()})
+        if aux:
+          out["reduction"][key] = aux
       return state
 
-    state = run(rbase.PRE_BLOCK, state, rbase.BlockInfo(layer=self.layer))
+    state = run_stage(rbase.PRE_BLOCK, state)
 
     bias = None
     if self.proportional_attention:
@@ -79,23 +123,29 @@ class EncoderBlock(nn.Module):
     y, attn = attention_lib.SelfAttention(
         self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         implementation=self.attention_impl, name="attn")(
-            norm("norm1")(state.x), bias=bias, key_mask=state.mask,
+            norm("norm1")(state.x), bias=bias, key_mask=state.mask, policy=state.policy,
             need_keys_mean=rbase.KEYS_MEAN in needs, need_cls_attn=rbase.CLS_ATTN in needs,
             return_probs=self.return_attention)
     y = nn.Dropout(self.dropout)(y, self.deterministic)
     state = state.replace(x=residual(state.x, y, "ls1"))
     if self.return_attention:
       out["attention"] = attn["probs"]
+    if carry_info:
+      for need in needs:
+        state = state.put(rbase.BLOCK_OWNER, need, attn[need], per_token=True,
+                          merge=rbase.BLOCK_MERGE[need])
 
-    info = rbase.BlockInfo(layer=self.layer, keys_mean=attn.get("keys_mean"),
-                              cls_attn=attn.get("cls_attn"))
-    state = run(rbase.POST_ATTN, state, info)
+    state = run_stage(rbase.POST_ATTN, state, attn)
 
     y = layers.MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype,
                         self.param_dtype, name="mlp")(norm("norm2")(state.x),
                                                       deterministic=self.deterministic)
     state = state.replace(x=residual(state.x, y, "ls2"))
-    state = run(rbase.POST_BLOCK, state, info)
+    state = run_stage(rbase.POST_BLOCK, state, attn)
+    if carry_info:
+      for need in needs:
+        if state.has(rbase.BLOCK_OWNER, need):
+          _, state = state.pop(rbase.BLOCK_OWNER, need)
     out["tokens"] = state.x
     return state, out
 
@@ -178,7 +228,31 @@ class VisionTransformer(nn.Module):
   def plan(self) -> rbase.ReductionPlan:
     return rbase.build_plan(self.token_reduction, self.depth)
 
-  def _check_config(self):
+  def context(self) -> rbase.ModelContext:
+    """What reducers need to know of the model to build layers that fit it."""
+    return rbase.ModelContext(
+        width=self.width, num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
+        depth=self.depth, layer_norm_eps=self.layer_norm_eps,
+        gelu_approximate=self.gelu_approximate,
+        attention_impl=attention_lib.check_implementation(self.attention_impl),
+        dtype=self.dtype, param_dtype=self.param_dtype, num_prefix=self.num_prefix)
+
+  def rng_streams(self) -> frozenset:
+    """The rng streams `apply` needs besides "dropout" (those the reducers declare)."""
+    return self.plan().rng_streams
+
+  def layer_decay_groups(self) -> Dict[str, str]:
+    """{top-level parameter name: "stem" | "head"} for everything outside the blocks."""
+    groups = {n: "stem" for n in ("embedding", "cls", "registers", "pos_embedding", "norm_pre")}
+    groups.update({n: "head" for n in ("encoder_norm", "fc_norm", "map_head", "pre_logits", "head")})
+    groups.update(self.plan().layer_decay_groups())
+    return groups
+
+  def sharding_rules(self) -> Tuple[Tuple[str, Tuple], ...]:
+    """Partition rules the configured reducers declare (the ViT's own are the trainer's)."""
+    return self.plan().sharding_rules()
+
+  def _check_config(self) -> rbase.ReductionPlan:
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
     if self.posemb not in POSEMB_TYPES:
@@ -191,6 +265,16 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; use a name from "
                        "jax.checkpoint_policies, e.g. 'nothing_saveable'")
     attention_lib.check_implementation(self.attention_impl)
+    plan = self.plan()
+    for p in plan.embed:
+      if p.name in TOP_NAMES or re.fullmatch(r"block_\d+", p.name) or _auto_name(p.name):
+        raise ValueError(f"token_reduction entry name {p.name!r} is taken by the ViT; give it "
+                         "another `name`")
+    for p in (p for layer in plan.per_layer for p in layer):
+      if p.name in BLOCK_NAMES or _auto_name(p.name):
+        raise ValueError(f"token_reduction entry name {p.name!r} is taken by the block; give it "
+                         "another `name`")
+    return plan
 
   def _check_images(self, images) -> Tuple[int, int]:
     if images.ndim != 4:
@@ -204,7 +288,8 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"patch size {ph}x{pw} does not divide the image size {h}x{w}")
     return h // ph, w // pw
 
-  def _embed(self, images, grid):
+  def _embed(self, images, grid, plan, run, train):
+    """Patch embedding, class/register tokens, embedding-level reducers, then positions."""
     x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size), padding="VALID",
                 use_bias=self.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding")(images)
     b = x.shape[0]
@@ -219,9 +304,35 @@ class VisionTransformer(nn.Module):
       prefix.append(self.param("registers", nn.initializers.normal(1e-6),
                                (1, self.num_registers, self.width), self.param_dtype))
     prefix = [jnp.broadcast_to(p.astype(x.dtype), (b,) + p.shape[1:]) for p in prefix]
+    state = rbase.TokenState.create(jnp.concatenate(prefix + [x], axis=1),
+                                    num_prefix=self.num_prefix, grid=grid,
+                                    track_source=plan.track_source)
+    losses, records = {}, {}
+    context = self.context()
+    for planned in plan.embed:
+      reducer = planned.build(rbase.EMBED_LAYER, context)
+      info = rbase.BlockInfo(layer=rbase.EMBED_LAYER, stage=rbase.PRE_POSEMB, step=run.get("step"),
+                             progress=run.get("progress", 1.0), inputs=run.get("inputs", {}))
+      state, aux = reducer(state, info, train=train)
+      losses.update({f"{planned.name}/{k}": v for k, v in aux.pop("losses", {}).items()})
+      if aux:
+        records[planned.name] = aux
 
+    pos = self._posemb(grid, x.dtype)  # [1, num_prefix + patches, C]: zeros where none
+    if pos is not None:
+      if plan.embed:
+        # Reducers may have dropped, reordered or added tokens: each takes its own position,
+        # learned tokens none.
+        ids = state.ids
+        taken = rbase.take_tokens(jnp.broadcast_to(pos, (b,) + pos.shape[1:]), jnp.maximum(ids, 0))
+        pos = jnp.where((ids >= 0)[..., None], taken, jnp.zeros((), pos.dtype))
+      state = state.replace(x=state.x + pos)
+    return state, stem, losses, records
+
+  def _posemb(self, grid, dtype):
+    n_patches = grid[0] * grid[1]
     if self.posemb == "learn":
-      n_pos = grid[0] * grid[1] + (self.num_prefix if self.posemb_prefix else 0)
+      n_pos = n_patches + (self.num_prefix if self.posemb_prefix else 0)
       expected = (1, n_pos, self.width)
       if self.has_variable("params", "pos_embedding"):
         have = tuple(self.get_variable("params", "pos_embedding").shape)
@@ -231,24 +342,21 @@ class VisionTransformer(nn.Module):
               f"{expected}; resize it with vitoken.models.posemb.resize_posemb (the converters "
               "take image_size=...)")
       pos = self.param("pos_embedding", nn.initializers.normal(self.width ** -0.5), expected,
-                       self.param_dtype).astype(x.dtype)
+                       self.param_dtype).astype(dtype)
     elif self.posemb == "sincos2d":
-      pos = posemb_lib.sincos_2d(grid, self.width, dtype=x.dtype)
+      pos = posemb_lib.sincos_2d(grid, self.width, dtype=dtype)
       if self.posemb_prefix:
-        pos = jnp.concatenate([jnp.zeros((1, self.num_prefix, self.width), x.dtype), pos], axis=1)
+        pos = jnp.concatenate([jnp.zeros((1, self.num_prefix, self.width), dtype), pos], axis=1)
     else:
-      pos = None
+      return None
+    if not self.posemb_prefix and self.num_prefix:
+      # Class/register tokens get no position (adding zero leaves them bit-identical).
+      pos = jnp.concatenate([jnp.zeros((1, self.num_prefix, self.width), dtype), pos], axis=1)
+    return pos
 
-    if pos is not None and not self.posemb_prefix:
-      x = x + pos
-    x = jnp.concatenate(prefix + [x], axis=1)
-    if pos is not None and self.posemb_prefix:
-      x = x + pos
-    return x, stem
-
-  def _encode(self, state, plan, train):
+  def _encode(self, state, plan, train, run):
     block_kw = dict(
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
+        context=self.context(), num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
         proportional_attention=plan.proportional_attention, dropout=self.dropout,
         layer_scale_init=self.layer_scale_init, qkv_bias=self.qkv_bias,
         gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
@@ -264,17 +372,17 @@ class VisionTransformer(nn.Module):
       if not plan.scannable:
         raise ValueError("scan=True needs the same shape-preserving reducers at every layer; "
                          "this token_reduction changes the token count, use scan=False")
-      blocks = nn.scan(block_cls, variable_axes={"params": 0},
-                       split_rngs={"params": True, "dropout": True, "reduction": True},
-                       in_axes=0, length=self.depth)
-      return blocks(reducers=plan.at(0), name="blocks", **block_kw)(
-          state, jnp.asarray(rates, jnp.float32))
+      split = {"params": True, "dropout": True, **{s: True for s in plan.rng_streams}}
+      blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs=split,
+                       in_axes=(0, 0, nn.broadcast), length=self.depth)
+      return blocks(layer=None, reducers=plan.at(0), name="blocks", **block_kw)(
+          state, jnp.asarray(rates, jnp.float32), jnp.arange(self.depth, dtype=jnp.int32), run)
 
     outs = {}
     for i in range(self.depth):
       state, outs[_block_name(i)] = block_cls(
           layer=i, reducers=plan.at(i), drop_path_rate=rates[i], name=_block_name(i),
-          **block_kw)(state)
+          **block_kw)(state, None, None, run)
     return state, outs
 
   def _pool(self, x, state):
@@ -289,6 +397,8 @@ class VisionTransformer(nn.Module):
       w = state.size[:, p:]
       if mask is not None:
         w = w * mask
+      if state.policy is not None:
+        w = w * state.policy[:, p:]
       w = w.astype(tokens.dtype)[..., None]
       return (tokens * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-6)
     if self.pool_type == "map":
@@ -298,31 +408,39 @@ class VisionTransformer(nn.Module):
     return x  # "none"
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    self._check_config()
-    plan = self.plan()
+  def __call__(self, images, *, train: bool = False, step=None, progress=None, inputs=None):
+    """`step` (the optimizer step) and `progress` (fraction of training done, 1.0 when not
+    given) reach every reducer's `BlockInfo` for schedules; `inputs` carries extra batch
+    fields (masks, codes) to them as `info.inputs`."""
+    plan = self._check_config()
     grid = self._check_images(images)
     images = jnp.asarray(images, self.dtype or jnp.float32)
+    run = {"progress": jnp.asarray(1.0 if progress is None else progress, jnp.float32),
+           "inputs": dict(inputs or {})}
+    if step is not None:
+      run["step"] = jnp.asarray(step, jnp.int32)
 
-    x, stem = self._embed(images, grid)
-    x = nn.Dropout(self.dropout)(x, not train)
+    state, stem, losses, records = self._embed(images, grid, plan, run, train)
+    x = nn.Dropout(self.dropout)(state.x, not train)
     if self.pre_norm:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="norm_pre")(x)
-    state = rbase.TokenState.create(x, num_prefix=self.num_prefix, grid=grid,
-                                       track_source=plan.track_source)
-    state, outs = self._encode(state, plan, train)
+    state, outs = self._encode(state.replace(x=x), plan, train, run)
 
     aux: Dict[str, Any] = {"stem": stem}
     if self.scan:
       aux["blocks"] = outs["tokens"]
-      aux["losses"], aux["reduction"] = outs["losses"], outs["reduction"]
+      # Scanned reducers' losses come out stacked over layers: each is a sum over layers.
+      aux["losses"] = {**losses, **{f"blocks/{n}": v.sum(axis=0) for n, v in outs["losses"].items()}}
+      aux["reduction"] = {**records, **{f"blocks/{n}": v for n, v in outs["reduction"].items()}}
       if self.return_attention:
         aux["attention"] = outs["attention"]
     else:
       aux["blocks"] = {k: o["tokens"] for k, o in outs.items()}
-      aux["losses"] = {f"{k}/{n}": v for k, o in outs.items() for n, v in o["losses"].items()}
-      aux["reduction"] = {f"{k}/{n}": v for k, o in outs.items() for n, v in o["reduction"].items()}
+      aux["losses"] = {**losses, **{f"{k}/{n}": v for k, o in outs.items()
+                                    for n, v in o["losses"].items()}}
+      aux["reduction"] = {**records, **{f"{k}/{n}": v for k, o in outs.items()
+                                        for n, v in o["reduction"].items()}}
       if self.return_attention:
         aux["attention"] = {k: o["attention"] for k, o in outs.items()}
 
@@ -350,7 +468,10 @@ class VisionTransformer(nn.Module):
 def Model(num_classes: int = 1000, *, variant: Optional[str] = None, **kw) -> VisionTransformer:  # pylint: disable=invalid-name
   """big_vision-style factory: `Model(10, variant="S/16", pool_type="gap")`."""
   fields = {**variants.decode_variant(variant), **kw}
-  unknown = sorted(set(fields) - set(VisionTransformer.__dataclass_fields__) - {"parent", "name"})
-  if unknown:
-    raise ValueError(f"unknown ViT option(s) {unknown}")
+  settings_lib.check_keys(fields, option_names(), "ViT option")
   return VisionTransformer(num_classes=num_classes, **fields)
+
+
+def option_names() -> Tuple[str, ...]:
+  """Every field a config's `model` section may set."""
+  return tuple(sorted(set(VisionTransformer.__dataclass_fields__) - {"parent", "name"}))

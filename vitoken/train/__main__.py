@@ -17,7 +17,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   summary = trainer.run(config, _WORKDIR.value)
   evals = {k: v for k, v in summary.items() if k.startswith("eval")}
-  print("summary:", {k: round(v["accuracy"], 4) for k, v in evals.items()},
+  headline = summary["headline"]
+  print("summary:", {f"{k}/{headline}": round(v[headline], 4) for k, v in evals.items()},
         f"train loss {summary['train'].get('loss', float('nan')):.4f},",
         f"{summary['wall_time_s']:.0f}s, {summary['images_per_s']:.0f} img/s")
 

@@ -5,6 +5,7 @@ whatever mesh the current run uses), `data` (each process's grain iterator state
 (JSON: the config and the step). A checkpoint that cannot be read is moved aside to
 `checkpoints/unreadable/` (never deleted) and the previous one is used.
 """
+import json
 import logging
 import os
 import re
@@ -100,6 +101,17 @@ def find_checkpoint(path: str) -> str:
   if os.path.isdir(os.path.join(path, "state")):
     path = os.path.join(path, "state")
   return path
+
+
+def load_run_config(path: str):
+  """The config a run saved with its checkpoint (its workdir, checkpoints dir or a step)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  state_dir = find_checkpoint(path)
+  meta = os.path.join(os.path.dirname(state_dir), "meta", "metadata")
+  if not os.path.exists(meta):
+    raise FileNotFoundError(f"{path}: no run config beside the checkpoint (looked for {meta})")
+  with open(meta) as f:
+    return ml_collections.ConfigDict(json.load(f)["config"])
 
 
 def load_params(path: str, *, image_size=None, channels: int = 3):

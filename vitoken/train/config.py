@@ -4,13 +4,12 @@ Config files start from `base_config()` and change what they need, so every key 
 take exists here with its default, and a misspelt key is an error instead of being ignored.
 Sections owned by other modules (`data`, `optim`, `schedule`, `model`) are checked there.
 """
-import difflib
-from typing import Any, Dict
-
 import ml_collections
 
+from vitoken import settings as settings_lib
+
 # Sections whose keys are checked by their owner, not against the defaults below.
-FREE_FORM = ("model", "eval_model_overrides", "data", "optim", "schedule")
+FREE_FORM = ("model", "eval_model_overrides", "data", "optim", "schedule", "task")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,12 +25,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0  # 0: no EMA; else also evaluate the EMA params
   # ViT fields (see vitoken.models.vit.VisionTransformer); num_classes and channels default
   # to the dataset's.
+  # What is trained and how it is judged (vitoken.tasks): "classification" (default),
+  # "distillation" (with a teacher), ...; the other keys are the task's settings.
+  c.task = ml_collections.ConfigDict({"name": "classification"})
   c.model = ml_collections.ConfigDict({"variant": "Ti/16"})
   c.eval_model_overrides = ml_collections.ConfigDict()  # e.g. a token_reduction for eval only
   c.data = pipeline.default_data_config()
   c.optim = optim.default_optim_config()
   c.schedule = optim.default_schedule_config()
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Extra partition rules, ((regex, spec), ...), tried before the task's, the reducers' and
+  # the ViT's own (vitoken.train.sharding.VIT_RULES). The regex is searched in the state path
+  # ("params/head/kernel", "opt_state/0/mu/head/kernel"), so anchor with (^|/), not ^.
+  c.sharding = ml_collections.ConfigDict({"rules": ()})
   c.log_every_steps = 50
   c.eval_every_steps = 500  # 0: only at the end
   c.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3, "async_save": True})
@@ -71,17 +77,10 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 def check_keys(config, reference=None, prefix: str = ""):
   """Raises on keys the schema does not know, suggesting the closest known one."""
   reference = base_config() if reference is None else reference
+  settings_lib.check_keys([f"{prefix}{k}" for k in config.keys()],
+                          [f"{prefix}{k}" for k in reference.keys()], "config")
   for key in config.keys():
-    path = f"{prefix}{key}"
-    if key not in reference:
-      close = difflib.get_close_matches(key, list(reference.keys()), n=1)
-      hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-      raise ValueError(f"unknown config key {path!r}{hint}")
     if prefix == "" and key in FREE_FORM:
       continue
     if isinstance(reference[key], ml_collections.ConfigDict):
-      check_keys(config[key], reference[key], prefix=f"{path}.")
-
-
-def to_dict(config) -> Dict[str, Any]:
-  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+      check_keys(config[key], reference[key], prefix=f"{prefix}{key}.")

@@ -30,6 +30,7 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
+from vitoken import settings as settings_lib
 from vitoken.models import layout
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
@@ -74,20 +75,10 @@ def default_schedule_config() -> ml_collections.ConfigDict:
 
 def _resolve(config, defaults: ml_collections.ConfigDict, what: str) -> Dict[str, Any]:
   """Merges `config` (ConfigDict, mapping or None) over `defaults` into a plain dict."""
-  allowed = defaults.to_dict()
-  if config is None:
-    return allowed
-  if isinstance(config, ml_collections.ConfigDict):
-    given = config.to_dict()
-  elif isinstance(config, Mapping):
-    given = dict(config)
-  else:
-    raise ValueError(f"{what} config must be a ConfigDict or a dict, got {type(config).__name__}")
-  unknown = sorted(set(given) - set(allowed))
-  if unknown:
-    raise ValueError(f"unknown {what} config key(s) {unknown}; allowed keys: {sorted(allowed)}")
-  allowed.update(given)
-  return allowed
+  try:
+    return settings_lib.resolve(config, defaults, f"{what} config")
+  except TypeError as e:
+    raise ValueError(str(e)) from None
 
 
 def _number(cfg, key, what, rule: str, ok: Callable[[float], bool], *, allow_none=False,
@@ -220,12 +211,24 @@ def infer_depth(params) -> Optional[int]:
   return None
 
 
-def _layer_multiplier(name: str, leaf, layer_decay: float, depth: int):
+def _groups(groups: Optional[Mapping[str, str]]) -> Dict[str, str]:
+  """{top-level name: "stem" | "head"}: the ViT's own names plus what a model/task declares."""
+  out = {**{n: "stem" for n in PRE_BLOCK_NAMES}, **{n: "head" for n in POST_BLOCK_NAMES}}
+  for name, group in (groups or {}).items():
+    if group not in ("stem", "head"):
+      raise ValueError(f"layer_decay group of {name!r} must be 'stem' or 'head', got {group!r}")
+    out[name] = group
+  return out
+
+
+def _layer_multiplier(name: str, leaf, layer_decay: float, depth: int,
+                      groups: Optional[Mapping[str, str]] = None):
   """BEiT/MAE multiplier layer_decay ** (depth + 1 - layer_id) for the leaf called `name`."""
   top = name.split("/", 1)[0]
-  if top in PRE_BLOCK_NAMES:
+  groups = _groups(groups)
+  if groups.get(top) == "stem":
     return layer_decay ** (depth + 1)
-  if top in POST_BLOCK_NAMES:
+  if groups.get(top) == "head":
     return 1.0
   if m := _BLOCK.match(top):
     i = int(m.group(1))
@@ -243,8 +246,10 @@ def _layer_multiplier(name: str, leaf, layer_decay: float, depth: int):
     return jnp.asarray(factors, jnp.float32).reshape((depth,) + (1,) * (ndim - 1))
   raise ValueError(
       f"layer_decay: cannot place parameter {name!r} (top-level name {top!r}) in a layer; "
-      f"known names are {PRE_BLOCK_NAMES} (before the blocks), block_NN / {SCANNED_BLOCKS!r} "
-      f"and {POST_BLOCK_NAMES} (after the blocks)")
+      f"known names are {sorted(k for k, g in groups.items() if g == 'stem')} (before the "
+      f"blocks), block_NN / {SCANNED_BLOCKS!r} and "
+      f"{sorted(k for k, g in groups.items() if g == 'head')} (after the blocks). A reducer "
+      "declares its group with `layer_decay_group`, a task with `layer_decay_groups()`")
 
 
 def _check_layer_decay(layer_decay):
@@ -270,20 +275,23 @@ def _resolve_depth(params, depth: Optional[int]) -> int:
   return depth
 
 
-def layer_decay_multipliers(params, layer_decay: float, depth: Optional[int] = None):
+def layer_decay_multipliers(params, layer_decay: float, depth: Optional[int] = None,
+                            groups: Optional[Mapping[str, str]] = None):
   """Per-leaf lr multipliers layer_decay ** (depth + 1 - layer_id) (BEiT/MAE convention).
 
   layer_id is 0 for the stem (embedding, cls, registers, pos_embedding, norm_pre), i + 1 for
   block i and depth + 1 for everything after the blocks (encoder_norm, fc_norm, map_head,
-  pre_logits, head). Leaves of a scanned `blocks` subtree get an array [depth, 1, ...] with
-  one factor per layer slice; other leaves get a Python float.
+  pre_logits, head). `groups` ({top-level name: "stem" | "head"}) places further top-level
+  parameters (a reducer's or task's). Leaves of a scanned `blocks` subtree get an array
+  [depth, 1, ...] with one factor per layer slice; other leaves get a Python float.
   """
   layer_decay = _check_layer_decay(layer_decay)
   depth = _resolve_depth(params, depth)
-  return _map_with_names(lambda n, x: _layer_multiplier(n, x, layer_decay, depth), params)
+  return _map_with_names(lambda n, x: _layer_multiplier(n, x, layer_decay, depth, groups), params)
 
 
-def scale_by_layer_decay(layer_decay: float, depth: int) -> optax.GradientTransformation:
+def scale_by_layer_decay(layer_decay: float, depth: int,
+                         groups: Optional[Mapping[str, str]] = None) -> optax.GradientTransformation:
   """Multiplies each update by its layer-wise lr multiplier (see `layer_decay_multipliers`).
 
   The multipliers are recomputed from the update tree's paths (at trace time, so no state):
@@ -292,7 +300,7 @@ def scale_by_layer_decay(layer_decay: float, depth: int) -> optax.GradientTransf
   layer_decay = _check_layer_decay(layer_decay)
 
   def scale(name, u):
-    m = _layer_multiplier(name, u, layer_decay, depth)
+    m = _layer_multiplier(name, u, layer_decay, depth, groups)
     return u * (jnp.asarray(m, u.dtype) if isinstance(m, jax.Array) else m)
 
   def update_fn(updates, state, params=None):
@@ -336,7 +344,7 @@ def scale_by_trust_ratio_per_layer() -> optax.GradientTransformation:
 
 
 def make_optimizer(optim_config, schedule_config, params, total_steps: int, *,
-                   depth: Optional[int] = None
+                   depth: Optional[int] = None, groups: Optional[Mapping[str, str]] = None
                    ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds (optax transformation, lr schedule) from the two configs.
 
@@ -409,7 +417,7 @@ def make_optimizer(optim_config, schedule_config, params, total_steps: int, *,
     chain += decay
   if layer_decay is not None:
     # Validates the tree now (unknown top-level names, depth) rather than at the first step.
-    layer_decay_multipliers(params, layer_decay, depth)
-    chain.append(scale_by_layer_decay(layer_decay, _resolve_depth(params, depth)))
+    layer_decay_multipliers(params, layer_decay, depth, groups)
+    chain.append(scale_by_layer_decay(layer_decay, _resolve_depth(params, depth), groups))
   chain.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*chain), schedule

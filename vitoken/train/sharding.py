@@ -36,6 +36,28 @@ VIT_RULES: Tuple[Tuple[str, Tuple], ...] = (
 )
 
 
+def combined_rules(*extra) -> Tuple[Tuple[str, Tuple], ...]:
+  """Rule sets in priority order (a config's, a task's, its reducers'), then the ViT's own.
+
+  Each rule is (regex, spec); specs are checked to name mesh axes only.
+  """
+  rules = []
+  for group in extra:
+    for rule in group or ():
+      if len(rule) != 2 or not isinstance(rule[0], str):
+        raise ValueError(f"a sharding rule is (regex, partition spec), got {rule!r}")
+      pattern, spec = rule[0], tuple(rule[1] or ())
+      bad = [a for a in spec if a is not None and a not in AXES]
+      if bad:
+        raise ValueError(f"sharding rule {pattern!r} names unknown mesh axes {bad}; the axes are {AXES}")
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"sharding rule {pattern!r} is not a valid regex: {e}") from None
+      rules.append((pattern, spec))
+  return tuple(rules) + VIT_RULES
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)

@@ -1,7 +1,8 @@
-"""The training loop: one jitted step for every model and method, driven by a config.
+"""The training loop: one jitted step for every task, model and method, driven by a config.
 
-The step never branches on the token-reduction method: auxiliary losses arrive in the model's
-`aux["losses"]` and are added to the loss. State is created sharded, the step donates it and
+The task (`config.task`, see `vitoken.tasks`) owns the models, the objective and the eval
+metrics; the step never branches on the task or the token-reduction method (reducers'
+auxiliary losses arrive in the model's `aux["losses"]` and the tasks add them). State is created sharded, the step donates it and
 pins its in/out shardings, and the host reads metrics only every `log_every_steps` (that is
 also where a NaN loss is caught, naming its exact step, before any checkpoint can store it).
 """
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vitoken import tasks as tasks_lib
 from vitoken.data import pipeline
-from vitoken.models import vit
 from vitoken.train import checkpoint as ckpt_lib
 from vitoken.train import config as config_lib
 from vitoken.train import metrics as metrics_lib
@@ -66,29 +67,6 @@ def check_workdir(workdir: str) -> str:
   return workdir
 
 
-def _dtype(value):
-  return jnp.dtype(value) if isinstance(value, str) else value
-
-
-def build_model(config, info: pipeline.DataInfo) -> Tuple[vit.VisionTransformer, vit.VisionTransformer]:
-  """(train model, eval model); the eval one differs only by `eval_model_overrides`."""
-  kwargs = config_lib.to_dict(config.model)
-  kwargs.setdefault("num_classes", info.num_classes)
-  kwargs.setdefault("channels", info.image_shape[-1])
-  for key in ("dtype", "param_dtype"):
-    if key in kwargs:
-      kwargs[key] = _dtype(kwargs[key])
-  model = vit.Model(**kwargs)
-  overrides = config_lib.to_dict(config.eval_model_overrides)
-  for key in ("dtype", "param_dtype"):
-    if key in overrides:
-      overrides[key] = _dtype(overrides[key])
-  unknown = sorted(set(overrides) - set(vit.VisionTransformer.__dataclass_fields__))
-  if unknown:
-    raise ValueError(f"unknown eval_model_overrides {unknown}")
-  return model, (model.clone(**overrides) if overrides else model)
-
-
 def _mean_metrics(records: List[Dict[str, float]]) -> Dict[str, float]:
   keys = records[0].keys()
   return {k: float(np.mean([r[k] for r in records])) for k in keys}
@@ -104,24 +82,33 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh)
     self._check_batch()
     self.info = pipeline.dataset_info(config.data)
-    self.model, self.eval_model = build_model(config, self.info)
+    self.task = tasks_lib.build(config, self.info)
+    self.model = self.task.model
 
-    dummy = jax.ShapeDtypeStruct((1, *self.info.image_shape), jnp.float32)
-    abstract_params = jax.eval_shape(self.model.init, jax.random.key(0), dummy)["params"]
-    self.tx, self.schedule = optim.make_optimizer(config.optim, config.schedule, abstract_params,
-                                                  config.total_steps, depth=self.model.depth)
+    self.example = self.task.example_batch()
+    abstract_params = jax.eval_shape(self.task.init_params, jax.random.key(0), self.example)
+    self.tx, self.schedule = optim.make_optimizer(
+        config.optim, config.schedule, abstract_params, config.total_steps,
+        depth=self.task.depth(), groups=self.task.layer_decay_groups())
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
 
+    self.rules = sharding.combined_rules(config.sharding.rules, self.task.sharding_rules())
     self.abstract_state = jax.eval_shape(self._init_state)
-    self.state_shardings = sharding.tree_shardings(self.abstract_state, self.mesh)
+    self.state_shardings = sharding.tree_shardings(self.abstract_state, self.mesh, self.rules)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     repl = sharding.replicated(self.mesh)
+    # Arrays the step reads but never trains (a teacher): sharded by the same rules, not donated.
+    frozen = self.task.frozen_params()
+    frozen_shardings = sharding.tree_shardings(frozen, self.mesh, self.rules)
+    self.frozen = jax.device_put(frozen, frozen_shardings)
     self.train_step = jax.jit(
         self._train_step, donate_argnums=(0,),
-        in_shardings=(self.state_shardings, self.batch_sharding),
+        in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
         out_shardings=(self.state_shardings, repl))
     params_shardings = self.state_shardings["params"]
-    self.eval_step = jax.jit(self._eval_step, in_shardings=(params_shardings, self.batch_sharding),
+    self.eval_step = jax.jit(self._eval_step,
+                             in_shardings=(params_shardings, self.batch_sharding, frozen_shardings,
+                                           repl),
                              out_shardings=repl)
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
@@ -142,30 +129,19 @@ class Trainer:
 
   # ---- state and steps -------------------------------------------------------------------
   def _init_state(self):
-    dummy = jnp.zeros((1, *self.info.image_shape), jnp.float32)
-    params = self.model.init(jax.random.key(self.config.seed), dummy)["params"]
+    params = self.task.init_params(jax.random.key(self.config.seed), self.example)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
     if self.config.ema_decay:
       state["ema_params"] = params
     return state
 
-  def _loss(self, params, images, labels, rng):
-    drop_rng, reduce_rng = jax.random.split(rng)
-    logits, aux = self.model.apply({"params": params}, images, train=True,
-                                   rngs={"dropout": drop_rng, "reduction": reduce_rng})
-    ls = self.config.label_smoothing
-    targets = labels * (1.0 - ls) + ls / labels.shape[-1]
-    ce = optax.softmax_cross_entropy(logits, targets).mean()
-    extra = {f"loss/{k}": v for k, v in aux["losses"].items()}
-    total = ce + sum(extra.values()) if extra else ce
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
-    return total, {"loss": total, "loss/ce": ce, "accuracy": accuracy, **extra}
-
-  def _grads(self, params, batch, rng):
-    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+  def _grads(self, params, batch, frozen, rng, step):
+    progress = step.astype(jnp.float32) / self.config.total_steps
+    grad_fn = jax.value_and_grad(
+        lambda p, mb, r: self.task.loss(p, frozen, mb, r, step, progress), has_aux=True)
     accum = self.config.grad_accum_steps
     if accum == 1:
-      (_, metrics), grads = grad_fn(params, batch["image"], batch["labels"], rng)
+      (_, metrics), grads = grad_fn(params, batch, rng)
       return grads, metrics
 
     def split(x):
@@ -174,10 +150,10 @@ class Trainer:
       return jax.lax.with_sharding_constraint(
           x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
 
-    micro = jax.tree.map(split, {"image": batch["image"], "labels": batch["labels"]})
+    micro = jax.tree.map(split, batch)
 
     def micro_grads(i, mb):
-      (_, m), g = grad_fn(params, mb["image"], mb["labels"], jax.random.fold_in(rng, i))
+      (_, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
       return g, m
 
     def body(carry, xs):
@@ -188,10 +164,10 @@ class Trainer:
     (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
     return jax.tree.map(lambda x: x / accum, (grads, metrics))
 
-  def _train_step(self, state, batch):
+  def _train_step(self, state, batch, frozen):
     step = state["step"]
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
-    grads, metrics = self._grads(state["params"], batch, rng)
+    grads, metrics = self._grads(state["params"], batch, frozen, rng, step)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"step": step + 1, "params": params, "opt_state": opt_state}
@@ -201,12 +177,8 @@ class Trainer:
     metrics.update(grad_norm=optax.global_norm(grads), lr=self.schedule(step))
     return new, metrics
 
-  def _eval_step(self, params, batch):
-    logits, _ = self.eval_model.apply({"params": params}, batch["image"])
-    mask = batch["mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(ce * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+  def _eval_step(self, params, batch, frozen, rng):
+    return self.task.eval_sums(params, frozen, batch, rng)
 
   # ---- pieces of the loop ---------------------------------------------------------------
   def initial_state(self, train_iter):
@@ -239,14 +211,20 @@ class Trainer:
     return state
 
   def evaluate(self, params) -> Dict[str, float]:
+    """The task's metrics over the whole eval split; every eval draws the same randomness
+    (random reducers get a key per batch index), so evals of one run are comparable."""
     totals = None
-    for batch in pipeline.eval_iterator(self.config.data, global_batch_size=self.config.batch_size):
-      out = self.eval_step(params, sharding.global_batch(batch, self.batch_sharding))
+    key = jax.random.key(self.config.seed + 2)
+    for i, batch in enumerate(self._eval_batches()):
+      out = self.eval_step(params, sharding.global_batch(batch, self.batch_sharding), self.frozen,
+                           jax.random.fold_in(key, i))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss_sum"]) / count,
-            "examples": count}
+    return self.task.eval_summary(jax.device_get(totals))
+
+  def _eval_batches(self):
+    return pipeline.eval_iterator(self.config.data, global_batch_size=self.config.batch_size,
+                                  labels=self.task.uses_labels,
+                                  batch_fields=self.task.batch_fields(), seed=self.config.seed)
 
   def _drain(self, pending: List[Tuple[int, Any]]) -> Dict[str, float]:
     """Brings queued step metrics to the host; stops at the first non-finite loss."""
@@ -265,7 +243,9 @@ class Trainer:
 
   def run(self) -> Dict[str, Any]:
     c = self.config
-    train_iter = pipeline.train_iterator(c.data, global_batch_size=c.batch_size, seed=c.seed)
+    train_iter = pipeline.train_iterator(c.data, global_batch_size=c.batch_size, seed=c.seed,
+                                         labels=self.task.uses_labels,
+                                         batch_fields=self.task.batch_fields())
     start_step, state = self.initial_state(train_iter)
     primary = jax.process_index() == 0
     logger = metrics_lib.MetricLogger(self.workdir, total_steps=c.total_steps, start_step=start_step,
@@ -278,7 +258,7 @@ class Trainer:
     try:
       for step in range(start_step + 1, c.total_steps + 1):
         batch = sharding.global_batch(next(train_iter), self.batch_sharding)
-        state, metrics = self.train_step(state, batch)
+        state, metrics = self.train_step(state, batch, self.frozen)
         pending.append((step, metrics))
         steps_run += 1
         last = step == c.total_steps
@@ -302,6 +282,7 @@ class Trainer:
 
     wall = time.time() - t_start
     summary = {
+        "task": self.task.task_name, "headline": self.task.headline,
         "final_step": c.total_steps, "start_step": start_step, "train": train_metrics,
         **eval_metrics, "wall_time_s": wall, "steps_run": steps_run,
         "images_per_s": steps_run * c.batch_size / wall if wall > 0 else None,

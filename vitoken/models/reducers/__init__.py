@@ -1,5 +1,6 @@
 """Token reducers. Importing this package registers every built-in method."""
 from vitoken.models.reducers import identity, tome  # noqa: F401  (registration side effects)
-from vitoken.models.reducers.base import (BlockInfo, POST_ATTN, POST_BLOCK, PRE_BLOCK, Reducer,
-                                          ReductionPlan, TokenState, build_plan, register,
-                                          registered_methods)
+from vitoken.models.reducers.base import (BlockInfo, EMBED_LAYER, LEARNED_ID, ModelContext,
+                                          POST_ATTN, POST_BLOCK, PRE_BLOCK, PRE_POSEMB, Reducer,
+                                          ReductionPlan, TokenState, build_plan, checked_gathers,
+                                          register, registered_methods, run_checked)

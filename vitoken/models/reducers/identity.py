@@ -6,7 +6,7 @@ from vitoken.models.reducers import base
 
 @base.register("identity")
 class Identity(base.Reducer):
-  stage = base.POST_ATTN
+  stages = (base.POST_ATTN,)
   changes_shape = False
 
   @classmethod

@@ -154,14 +154,25 @@ def merge(m: Matching, x, mode: str = "sum"):
 
 
 def merge_state(m: Matching, state: base.TokenState) -> base.TokenState:
-  """Size-weighted average of tokens, summed sizes, max-merged sources, kept ids."""
-  if state.mask is not None:
-    raise ValueError("tome: merging a masked token state (pruned or padded tokens) is not supported")
+  """Size-weighted average of tokens, summed sizes, max-merged sources, kept ids; per-token
+  carried arrays merge by their own mode ("mean" is size-weighted like the tokens)."""
+  if state.mask is not None or state.policy is not None:
+    raise ValueError("tome: merging a masked or policy-weighted token state (pruned or padded "
+                     "tokens) is not supported")
   size = state.size[..., None]
   new_size = merge(m, size, "sum")
-  x = merge(m, state.x * size.astype(state.x.dtype), "sum") / new_size.astype(state.x.dtype)
+
+  def mean(v):
+    fit = lambda a: a[..., 0].reshape(a.shape[:2] + (1,) * (v.ndim - 2)).astype(v.dtype)
+    return merge(m, v * fit(size), "sum") / fit(new_size)
+
+  x = mean(state.x)
   source = None if state.source is None else merge(m, state.source, "max")
-  return state.replace(x=x, size=new_size[..., 0], ids=merge(m, state.ids, "keep"), source=source)
+  carry = dict(state.carry)
+  for key, (value, mode) in state.carried_per_token().items():
+    carry[key] = mean(value) if mode == "mean" else merge(m, value, mode)
+  return state.replace(x=x, size=new_size[..., 0], ids=merge(m, state.ids, "keep"),
+                       source=source, carry=carry)
 
 
 def unmerge(tokens, source):
@@ -180,7 +191,7 @@ class ToMe(base.Reducer):
   # constant r: capped in late layers, but more than the whole sequence allows is a mistake).
   excess: str = "cap"
 
-  stage = base.POST_ATTN
+  stages = (base.POST_ATTN,)
   needs = frozenset({base.KEYS_MEAN})
 
   @classmethod
@@ -205,7 +216,8 @@ class ToMe(base.Reducer):
   @classmethod
   def plan_flags(cls, settings):
     return {"proportional_attention": bool(settings.get("prop_attn", True)),
-            "track_source": bool(settings.get("trace_source", False))}
+            "track_source": bool(settings.get("trace_source", False)),
+            "rng_streams": frozenset({"reduction"} if settings.get("matching") == "random" else ())}
 
   def __call__(self, state, info, *, train=False):
     t, p = state.num_tokens, state.num_prefix
@@ -216,7 +228,7 @@ class ToMe(base.Reducer):
     full = (state.grid[0] * state.grid[1]) // 2
     if self.r > cap and (self.excess == "error" or (self.excess == "error_beyond_full" and self.r > full)):
       raise ValueError(
-          f"layer {self.layer}: tome r={self.r} but {t} tokens reach this layer ({p} protected), "
+          f"{self.where}: tome r={self.r} but {t} tokens reach this layer ({p} protected), "
           f"so at most {cap} can merge")
     r = min(self.r, cap)
     if r <= 0:

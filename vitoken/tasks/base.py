@@ -1,0 +1,197 @@
+"""Tasks: what is trained and how it is judged, chosen by `config.task.name`.
+
+A task owns the model(s), the fields its batches carry beyond the image, the objective and
+the evaluation metrics; the trainer owns everything else (state, optimizer, meshes,
+checkpoints, logging) and never branches on the task. New objectives are a file:
+
+    @tasks.register("my_task")
+    class MyTask(tasks.Task):
+      def __init__(self, config, info, weight: float = 1.0):   # signature = config.task schema
+        super().__init__(config, info)
+      def loss(self, params, frozen, batch, rng, step, progress): ...
+      def eval_sums(self, params, frozen, batch, rng): ...     # per-batch sums with "count"
+
+Hooks (defaults in brackets):
+- `models()`: (train model, eval model) [the ViT of `config.model`, with
+  `config.eval_model_overrides` for evaluation];
+- `init_params(rng, batch)` [train model's init on `example_batch()`];
+- `uses_labels` [True]: False makes the pipeline yield label-free batches;
+- `batch_fields()`: a picklable `(batch, np.random.Generator) -> batch` run inside the input
+  pipeline after the task-independent preprocessing (train and eval), so extra fields (masks,
+  target codes) are a pure function of the data position and survive a resume exactly;
+- `frozen_params()`: arrays the step reads but never trains (a teacher's params) [{}];
+- `layer_decay_groups()` / `sharding_rules()`: for parameters the task adds [the model's].
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitoken import settings as settings_lib
+from vitoken.models import vit
+
+# Batch keys that are not model inputs; everything else a batch holds reaches the model as
+# `inputs` (and from there every reducer's `info.inputs`).
+RESERVED_FIELDS = ("image", "labels", "mask")
+
+
+def dtype_of(value):
+  return jnp.dtype(value) if isinstance(value, str) else value
+
+
+def vit_from_config(model_config, info, *, overrides=None) -> vit.VisionTransformer:
+  """The ViT a config's `model` section describes; classes and channels default to the data's."""
+  kwargs = settings_lib.as_dict(model_config, "model config")
+  kwargs.setdefault("num_classes", info.num_classes)
+  kwargs.setdefault("channels", info.image_shape[-1])
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = dtype_of(kwargs[key])
+  model = vit.Model(**kwargs)
+  overrides = settings_lib.as_dict(overrides, "eval_model_overrides")
+  if not overrides:
+    return model
+  settings_lib.check_keys(overrides, vit.option_names(), "eval_model_overrides")
+  for key in ("dtype", "param_dtype"):
+    if key in overrides:
+      overrides[key] = dtype_of(overrides[key])
+  return model.clone(**overrides)
+
+
+def model_rngs(model, rng, *, train: bool) -> Dict[str, jax.Array]:
+  """The rng streams `model.apply` needs: dropout (training) and what its reducers declare."""
+  if train:
+    drop, reduction = jax.random.split(rng)
+    rngs = {"dropout": drop, "reduction": reduction}
+  else:
+    rngs = {}
+  streams = model.rng_streams() if hasattr(model, "rng_streams") else ()
+  for i, name in enumerate(sorted(streams)):
+    if name not in rngs:
+      rngs[name] = jax.random.fold_in(rng, 1000 + i)
+  return rngs
+
+
+def model_inputs(batch) -> Dict[str, Any]:
+  return {k: v for k, v in batch.items() if k not in RESERVED_FIELDS}
+
+
+class Task:
+  """Base class; the defaults are those of supervised classification."""
+  uses_labels: ClassVar[bool] = True
+  headline: ClassVar[str] = "accuracy"  # the eval metric a run's summary line reports
+
+  def __init__(self, config, info):
+    self.config = config
+    self.info = info
+    self._models = None
+
+  # ---- models -----------------------------------------------------------------------------
+  def models(self) -> Tuple[Any, Any]:
+    if self._models is None:
+      model = vit_from_config(self.config.model, self.info)
+      eval_model = vit_from_config(self.config.model, self.info,
+                                   overrides=self.config.eval_model_overrides)
+      self._models = (model, eval_model)
+    return self._models
+
+  @property
+  def model(self):
+    return self.models()[0]
+
+  @property
+  def eval_model(self):
+    return self.models()[1]
+
+  def init_params(self, rng, batch):
+    """Params for an example batch (a dict like the pipeline's, see `example_batch`)."""
+    inputs = model_inputs(batch)
+    return self.model.init(rng, batch["image"], **({"inputs": inputs} if inputs else {}))["params"]
+
+  def example_batch(self, batch_size: int = 1) -> Dict[str, np.ndarray]:
+    """A zero batch with every field the pipeline will yield (shapes and dtypes for init)."""
+    batch = {"image": np.zeros((batch_size, *self.info.image_shape), np.float32)}
+    if self.uses_labels:
+      batch["labels"] = np.zeros((batch_size, self.info.num_classes), np.float32)
+    fields = self.batch_fields()
+    return fields(batch, np.random.default_rng(0)) if fields is not None else batch
+
+  def depth(self) -> Optional[int]:
+    return getattr(self.model, "depth", None)
+
+  def layer_decay_groups(self) -> Dict[str, str]:
+    return self.model.layer_decay_groups() if hasattr(self.model, "layer_decay_groups") else {}
+
+  def sharding_rules(self):
+    return self.model.sharding_rules() if hasattr(self.model, "sharding_rules") else ()
+
+  # ---- data -------------------------------------------------------------------------------
+  def batch_fields(self) -> Optional[Callable[[Dict[str, np.ndarray], np.random.Generator], Dict]]:
+    return None
+
+  def frozen_params(self) -> Dict[str, Any]:
+    return {}
+
+  # ---- objective and metrics --------------------------------------------------------------
+  def apply(self, params, batch, rng, *, train: bool, step=None, progress=None, model=None):
+    """Runs the (train or eval) model on a batch: (outputs, aux)."""
+    model = model or (self.model if train else self.eval_model)
+    kwargs = {"inputs": model_inputs(batch)} if model_inputs(batch) else {}
+    if train:
+      kwargs.update(step=step, progress=progress)
+    return model.apply({"params": params}, batch["image"], train=train,
+                       rngs=model_rngs(model, rng, train=train), **kwargs)
+
+  def loss(self, params, frozen, batch, rng, step, progress) -> Tuple[jax.Array, Dict[str, Any]]:
+    """(scalar loss, metrics); metrics hold "loss". `progress` is step / total_steps."""
+    raise NotImplementedError
+
+  def eval_sums(self, params, frozen, batch, rng) -> Dict[str, jax.Array]:
+    """Per-batch sums over the examples with batch["mask"] True, with their "count"."""
+    raise NotImplementedError
+
+  def eval_summary(self, totals: Dict[str, float]) -> Dict[str, float]:
+    """Metrics from the summed `eval_sums` of a whole split: every `<m>_sum` becomes the mean
+    `<m>`, and "count" becomes "examples"."""
+    count = float(totals["count"])
+    out = {k[:-4]: float(v) / max(count, 1.0) for k, v in totals.items() if k.endswith("_sum")}
+    out["examples"] = count
+    return out
+
+
+def aux_loss_terms(aux) -> Dict[str, jax.Array]:
+  """Reducers' auxiliary losses as metrics named loss/<path>."""
+  return {f"loss/{k}": v for k, v in aux.get("losses", {}).items()}
+
+
+_REGISTRY: Dict[str, type] = {}
+
+
+def register(name: str):
+  """Class decorator: makes a Task available as `config.task.name = name`."""
+  def wrap(cls):
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+      raise ValueError(f"task {name!r} is registered twice")
+    cls.task_name = name
+    _REGISTRY[name] = cls
+    return cls
+  return wrap
+
+
+def registered_tasks():
+  return sorted(_REGISTRY)
+
+
+def build(config, info) -> Task:
+  """The task `config.task` names, with its settings checked against its signature."""
+  from vitoken import tasks as _  # noqa: F401  (registers the built-in tasks)
+  spec = settings_lib.as_dict(config.get("task") if hasattr(config, "get") else None, "task config")
+  name = spec.pop("name", "classification")
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown task {name!r}; known: {registered_tasks()}")
+  cls = _REGISTRY[name]
+  settings_lib.check_call(cls.__init__, spec, f"task {name!r}", exclude=("self", "config", "info"))
+  return cls(config, info, **spec)

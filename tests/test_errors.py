@@ -34,7 +34,7 @@ def test_image_size_other_than_the_posemb_was_made_for():
 @pytest.mark.parametrize("kw,pattern", [
     (dict(variant="X/16"), "unknown ViT variant 'X/16'"),
     (dict(variant="B/x"), "bad patch size in variant 'B/x'"),
-    (dict(variant="B/16", colour="red"), r"unknown ViT option\(s\) \['colour'\]"),
+    (dict(variant="B/16", colour="red"), r"unknown ViT option key 'colour'; allowed keys: \['attention_impl'"),
 ])
 def test_bad_model_options(kw, pattern):
   with pytest.raises(ValueError, match=pattern):

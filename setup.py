@@ -1,4 +1,9 @@
-"""Installs vitoken: `pip install -e .[test]` (CPU) or `pip install -e .[gpu]`."""
+"""Installs vitoken: `pip install -e .[test]` (CPU), `.[gpu]` or `.[tpu]`.
+
+In a runtime that already has a working JAX (Colab, a TPU VM image), keep it:
+`VITOKEN_KEEP_JAX=1 pip install -e .` leaves jax and jaxlib out of the requirements.
+"""
+import os
 import pathlib
 import re
 
@@ -10,7 +15,8 @@ _VERSION = re.search(r'__version__ = "([^"]+)"',
 
 # Ranges that are known to work together; widen only after running the suite.
 _JAX = ["jax>=0.10.0,<0.12", "jaxlib>=0.10.0,<0.12"]
-_INSTALL_REQUIRES = _JAX + [
+_KEEP_JAX = os.environ.get("VITOKEN_KEEP_JAX", "").lower() in ("1", "true", "yes")
+_INSTALL_REQUIRES = ([] if _KEEP_JAX else _JAX) + [
     "flax>=0.12.0,<0.13",
     "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.11.20,<0.13",
@@ -41,6 +47,7 @@ _EXTRAS = {
     ],
     "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
     "gpu-cuda13": ["jax[cuda13]>=0.10.0,<0.12"],
+    "tpu": ["jax[tpu]>=0.10.0,<0.12"],
 }
 
 setuptools.setup(

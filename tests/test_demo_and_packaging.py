@@ -28,3 +28,23 @@ def test_installed_metadata_needs_no_tensorflow():
   assert "tensorflow" not in names
   extras = {r.split("extra == ")[-1].strip("'\"") for r in requires if "extra ==" in r}
   assert {"test", "gpu"} <= extras
+
+
+def _setup_kwargs(monkeypatch, keep_jax: str):
+  import os
+  import runpy
+  import setuptools
+  captured = {}
+  monkeypatch.setenv("VITOKEN_KEEP_JAX", keep_jax)
+  monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+  runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(__file__)), "setup.py"))
+  return captured
+
+
+def test_setup_has_a_tpu_extra_and_can_keep_an_installed_jax(monkeypatch):
+  names = lambda reqs: {re.split(r"[ <>=!;\[]", r)[0].lower() for r in reqs}
+  default = _setup_kwargs(monkeypatch, "")
+  assert {"jax", "jaxlib", "flax"} <= names(default["install_requires"])
+  assert any(r.startswith("jax[tpu]") for r in default["extras_require"]["tpu"])
+  kept = _setup_kwargs(monkeypatch, "1")
+  assert names(kept["install_requires"]) == names(default["install_requires"]) - {"jax", "jaxlib"}

@@ -181,3 +181,11 @@ def test_parse_arg_types_and_rejects_unknown():
   assert (arg.variant, arg.runlocal, arg.steps) == ("S/16", True, 5)
   with pytest.raises(ValueError, match="unknown config argument 'size'"):
     config_lib.parse_arg("size=3", variant="B/16")
+  assert config_lib.parse_arg("runlocal=Off", runlocal=True).runlocal is False
+  assert config_lib.parse_arg("runlocal=YES", runlocal=False).runlocal is True
+  with pytest.raises(ValueError, match=r"config argument runlocal='ture' is not a boolean"):
+    config_lib.parse_arg("runlocal=ture", runlocal=False)
+  with pytest.raises(ValueError, match=r"config argument steps='5k' is not an int"):
+    config_lib.parse_arg("steps=5k", steps=1)
+  with pytest.raises(ValueError, match=r"config argument lr='fast' is not a float"):
+    config_lib.parse_arg("lr=fast", lr=0.1)

@@ -336,3 +336,24 @@ def test_postfix_formatting():
   f = M._format_postfix_value
   assert f(0.123456) == "0.1235" and f(12345.6) == "12346" and f(7) == "7"
   assert f(np.float32(2.5)) == "2.5" and f(float("nan")) == "nan" and f("x") == "x"
+
+
+def test_notebooks_get_the_live_tqdm_auto_bar(tmp_path, monkeypatch):
+  """In a Jupyter/Colab kernel tqdm.auto is the widget bar: the logger uses it, redrawing often."""
+  import tqdm.notebook
+  from vitoken.train import metrics as metrics_lib
+  made = []
+
+  class WidgetBar(tqdm.notebook.tqdm):
+    def __init__(self, *args, **kwargs):
+      made.append(kwargs)
+      super().__init__(*args, disable=True, **kwargs)
+
+  monkeypatch.setattr(metrics_lib.tqdm_auto, "tqdm", WidgetBar)
+  assert metrics_lib.in_notebook()
+  logger = metrics_lib.MetricLogger(str(tmp_path), total_steps=10, progress=True)
+  logger.progress(3, loss=1.0)
+  logger.close()
+  assert len(made) == 1 and made[0]["mininterval"] <= 1.0 and "file" not in made[0]
+  monkeypatch.undo()
+  assert not metrics_lib.in_notebook()  # plain python (pytest) uses the terminal/log bar

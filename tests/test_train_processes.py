@@ -47,6 +47,21 @@ def test_cli_rejects_unknown_override(tmp_path):
   assert proc.returncode != 0 and "totl_steps" in out
 
 
+def test_console_shows_vitoken_lines_and_library_chatter_only_when_verbose(tmp_path):
+  quiet = _train(tmp_path / "quiet", "--config.total_steps=4")
+  verbose = _train(tmp_path / "verbose", "--config.total_steps=4", "--verbosity=1")
+  (out, _), (vout, _) = quiet.communicate(timeout=300), verbose.communicate(timeout=300)
+  assert quiet.returncode == 0 and verbose.returncode == 0, out + vout
+  for text in (out, vout):
+    assert "task classification | ViT width 64 depth 2" in text and "eval at step 4: accuracy" in text
+    assert "checkpoint at step 4 saved to" in text
+  library = re.compile(r"\] .*(CheckpointManager|Load dataset info|Scheduling D2H)|"
+                       r"(checkpoint_manager|dataset_info|async_checkpointer)\.py:\d+\]")
+  assert not library.search(out), [l for l in out.splitlines() if library.search(l)][:3]
+  assert len(out.splitlines()) < 15, out
+  assert library.search(vout)
+
+
 def test_sigkill_mid_training_then_resume_reproduces_losses(tmp_path):
   flags = ["--config.total_steps=30", "--config.checkpoint.every_steps=5",
            "--config.eval_every_steps=0", "--config.checkpoint.async_save=False"]

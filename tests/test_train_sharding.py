@@ -25,7 +25,7 @@ def test_make_mesh_shapes(cfg, shape):
 
 @pytest.mark.parametrize("cfg,pattern", [
     ({"data": 3}, "needs 3 devices"), ({"data": -1, "fsdp": -1}, "at most one -1"),
-    ({"data": -1, "fsdp": 3}, "does not fit 8 devices"), ({"pipeline": 2}, "unknown mesh axes")])
+    ({"data": -1, "fsdp": 3}, "does not fit 8 devices"), ({"pipeline": 2}, "unknown mesh config key 'pipeline'")])
 def test_bad_meshes(cfg, pattern):
   with pytest.raises(ValueError, match=pattern):
     sharding.make_mesh(cfg)

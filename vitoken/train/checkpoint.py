@@ -2,9 +2,17 @@
 
 Layout of `{workdir}/checkpoints/{step}/`: `state` (params, optimizer, EMA; restored onto
 whatever mesh the current run uses), `data` (each process's grain iterator state) and `meta`
-(JSON: the config and the step). A checkpoint that cannot be read is moved aside to
-`checkpoints/unreadable/` (never deleted) and the previous one is used.
+(JSON: the config, the step and the process count).
+
+Resuming never restarts silently. Only recognised corruption (a checkpoint whose files
+cannot be read or decoded) is moved aside to `checkpoints/unreadable/` (never deleted), with
+a message, and the previous one is used. A checkpoint that is fine but does not fit the run
+(another model, another process count) and failures that are not the checkpoint's fault
+(out of memory, a storage error) stop the run with an error naming the checkpoint, the cause
+and the fix. All processes agree on the verdict before anything moves, so none waits on
+another that failed.
 """
+import errno
 import json
 import logging
 import os
@@ -50,18 +58,60 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def restore_latest(self, abstract_state, data_iterator):
-    """(step, state) from the newest readable checkpoint, or (None, None) when there is none."""
+  def restore_latest(self, abstract_state, data_iterator, config=None):
+    """(step, state) from the newest readable checkpoint, or (None, None) when there is none.
+
+    `config` (the run's) lets a mismatch name the model settings that differ.
+    """
     for step in sorted(self._manager.all_steps(), reverse=True):
+      code, result = _OK, None
       try:
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-          args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        return step, restored["state"]
-      except Exception as e:  # corrupt or partial files surface as many exception types
-        self._set_aside(step, e)
+        result = self._restore_step(step, abstract_state, data_iterator, config)
+      except CheckpointMismatch as e:
+        code, result = _FATAL, e
+      except Exception as e:  # pylint: disable=broad-except
+        code, result = (_CORRUPT if _is_corruption(e) else _FATAL), e
+      verdict = _agree(code)
+      if verdict == _FATAL:
+        if code == _FATAL:
+          if isinstance(result, CheckpointMismatch):
+            raise result
+          raise CheckpointRestoreError(
+              f"could not restore the checkpoint at step {step} in {self.directory}: "
+              f"{type(result).__name__}: {result}. It was left in place (this does not look like "
+              "a corrupt checkpoint); fix the cause (memory, storage access) and run again") from result
+        raise CheckpointRestoreError(f"another process could not restore the checkpoint at step "
+                                     f"{step} in {self.directory}; see its log")
+      if verdict == _CORRUPT:
+        self._set_aside(step, result if code == _CORRUPT else RuntimeError("unreadable on another process"))
+        continue
+      return step, result
     return None, None
+
+  def _restore_step(self, step, abstract_state, data_iterator, config):
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    written_by = meta.get("process_count")
+    if data_iterator is not None and written_by not in (None, jax.process_count()):
+      raise CheckpointMismatch(
+          f"checkpoint at step {step} in {self.directory} was written by {written_by} processes, "
+          f"this run has {jax.process_count()}: each process resumes its own data position. "
+          f"Resume with {written_by} processes, or start a new workdir with "
+          f"--config.init_from.path={self.directory} (params only)")
+    stored = self._manager.item_metadata(step)["state"]
+    problems = _tree_differences(stored, abstract_state)
+    if problems:
+      changed = _model_differences(meta.get("config", {}), config)
+      cause = (f"the config's model differs from the checkpoint's: {changed}" if changed
+               else "its train state does not match this run's")
+      raise CheckpointMismatch(
+          f"checkpoint at step {step} in {self.directory} does not fit this run: {cause} "
+          f"({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''}). Restore the "
+          f"checkpoint's settings to resume, or use a new workdir with "
+          f"--config.init_from.path={self.directory} to start from its params")
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
   def _set_aside(self, step: int, error: Exception):
     src = os.path.join(self.directory, str(step))
@@ -86,6 +136,77 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class CheckpointMismatch(ValueError):
+  """A readable checkpoint that does not fit this run (model, process count)."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """Restoring failed for a reason that is not the checkpoint's corruption."""
+
+
+_OK, _CORRUPT, _FATAL = 0, 1, 2
+
+
+def _agree(code: int) -> int:
+  """The worst verdict over all processes (each must call this once per checkpoint tried)."""
+  if jax.process_count() == 1:
+    return code
+  return int(np.max(multihost_utils.process_allgather(np.int32(code))))
+
+
+# Errors of the machine or storage rather than of the files' contents.
+_TRANSIENT_ERRNOS = {errno.ENOMEM, errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ECONNRESET,
+                     errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOSPC,
+                     errno.EAGAIN, errno.EBUSY}
+
+
+def _is_corruption(error: BaseException) -> bool:
+  """True for a checkpoint whose files are unreadable or undecodable, not for failures of the
+  machine (out of memory) or the storage (permissions, network)."""
+  for e in _chain(error):
+    if isinstance(e, MemoryError):
+      return False
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+      return False
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "PERMISSION_DENIED" in text \
+        or "DEADLINE_EXCEEDED" in text or "UNAVAILABLE" in text:
+      return False
+  return True
+
+
+def _chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _tree_differences(stored, abstract):
+  """Paths whose presence or shape differ between stored metadata and the abstract state."""
+  flat = lambda tree: {layout.path_str(p): tuple(getattr(x, "shape", ()) or ())
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(stored), flat(abstract)
+  problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: checkpoint {have[k]} vs run {want[k]}" for k in sorted(set(have) & set(want))
+               if have[k] != want[k]]
+  # The params first: they say most about what changed.
+  return sorted(problems, key=lambda p: re.search(r"(^| )params/", p) is None)
+
+
+def _model_differences(saved_config, config) -> str:
+  if config is None:
+    return ""
+  saved = dict(saved_config.get("model", {}) or {})
+  current = json.loads(config.to_json_best_effort()).get("model", {})
+  keys = sorted(set(saved) | set(current), key=str)
+  diffs = [f"{k} {current.get(k, '(unset)')!r} vs {saved.get(k, '(unset)')!r}"
+           for k in keys if saved.get(k) != current.get(k)]
+  return ", ".join(diffs) + " (config vs checkpoint)" if diffs else ""
 
 
 def find_checkpoint(path: str) -> str:

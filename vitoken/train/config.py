@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   """"variant=S/16,runlocal" -> {variant: "S/16", runlocal: True} over `defaults`, typed."""
   out = ml_collections.ConfigDict(dict(defaults))
@@ -67,9 +70,16 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     if not eq:
       value = True
     elif isinstance(default, bool):
-      value = value.lower() in ("1", "true", "yes", "on")
+      if value.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"config argument {key}={value!r} is not a boolean; use one of "
+                         f"{_TRUE + _FALSE}")
+      value = value.lower() in _TRUE
     elif isinstance(default, (int, float)) and default is not None:
-      value = type(default)(value)
+      try:
+        value = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config argument {key}={value!r} is not a{'n' if isinstance(default, int) else ''} "
+                         f"{type(default).__name__}") from None
     out[key] = value
   return out
 

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import tqdm
+from tqdm import auto as tqdm_auto
+from tqdm import notebook as tqdm_notebook
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -290,7 +292,24 @@ def _progress_enabled(progress: bool, is_primary: bool) -> bool:
   if not (progress and is_primary):
     return False
   is_tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-  return is_tty or not os.environ.get("CI")
+  return is_tty or in_notebook() or not os.environ.get("CI")
+
+
+def in_notebook() -> bool:
+  """True inside a Jupyter/Colab kernel, where tqdm.auto picks the live widget bar."""
+  return issubclass(tqdm_auto.tqdm, tqdm_notebook.tqdm)
+
+
+def _make_bar(total: int, initial: int):
+  if in_notebook():  # a live widget: it redraws in place, so short intervals are fine
+    return tqdm_auto.tqdm(total=total, initial=initial, unit="step", mininterval=0.5,
+                          smoothing=0.1)
+  is_tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+  # Outside a terminal every redraw is a new log line: redraw rarely there.
+  interval = 0.1 if is_tty else _NON_TTY_MIN_INTERVAL_S
+  return tqdm.tqdm(total=total, initial=initial, unit="step", file=sys.stderr,
+                   dynamic_ncols=is_tty, ascii=not is_tty, mininterval=interval,
+                   maxinterval=max(10.0, interval), smoothing=0.1)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -326,12 +345,7 @@ class MetricLogger:
     self._truncate_for_resume()
     self._jsonl = open(self.metrics_path, "a", encoding="utf-8")
     if _progress_enabled(progress, self.is_primary):
-      is_tty = sys.stderr.isatty()
-      interval = 0.1 if is_tty else _NON_TTY_MIN_INTERVAL_S
-      self._bar = tqdm.tqdm(total=self.total_steps, initial=self.start_step, unit="step",
-                            file=sys.stderr, dynamic_ncols=is_tty, ascii=not is_tty,
-                            mininterval=interval, maxinterval=max(10.0, interval),
-                            smoothing=0.1)
+      self._bar = _make_bar(total=self.total_steps, initial=self.start_step)
 
   def _truncate_for_resume(self) -> None:
     """Drops records with step > start_step, and a torn tail that a later append would extend.

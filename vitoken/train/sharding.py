@@ -12,8 +12,10 @@ from typing import Any, Callable, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vitoken import settings as settings_lib
 from vitoken.models import layout
 
 AXES = ("data", "fsdp", "tensor")
@@ -58,20 +60,50 @@ def combined_rules(*extra) -> Tuple[Tuple[str, Tuple], ...]:
   return tuple(rules) + VIT_RULES
 
 
-def make_mesh(mesh_config, devices: Sequence[jax.Device] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
-  devices = list(jax.devices() if devices is None else devices)
-  shape = [int(mesh_config.get(a, 1)) for a in AXES]
-  unknown = sorted(set(mesh_config) - set(AXES))
-  if unknown:
-    raise ValueError(f"unknown mesh axes {unknown}; the mesh axes are {AXES}")
+MESH_KEYS = AXES + ("slices",)
+
+
+def _resolve_shape(shape, num_devices: int, what: str):
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh {dict(zip(AXES, shape))}: sizes must be positive, at most one -1")
+    raise ValueError(f"mesh {what}: sizes must be positive, at most one -1")
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-      raise ValueError(f"mesh {dict(zip(AXES, shape))} does not fit {len(devices)} devices")
-    shape[shape.index(-1)] = len(devices) // known
+    if num_devices % known:
+      raise ValueError(f"mesh {what} does not fit {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  return shape
+
+
+def num_slices(devices) -> int:
+  """Multi-slice TPU jobs give devices a slice_index; everything else is one slice."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(mesh_config, devices: Sequence[Any]) -> np.ndarray:
+  """Devices arranged as a (data, fsdp, tensor) array by jax's topology-aware helpers.
+
+  `slices` (default 1; -1 = every slice of a multi-slice job) adds data parallelism across
+  slices: the data axis is then slices x data, with each slice's devices laid out by the
+  interconnect and only the data axis crossing the slower network between slices.
+  """
+  settings_lib.check_keys(mesh_config, MESH_KEYS, "mesh config")
+  shape = [int(mesh_config.get(a, 1)) for a in AXES]
+  slices = int(mesh_config.get("slices", 1))
+  have = num_slices(devices)
+  if slices == -1:
+    slices = have
+  if slices < 1:
+    raise ValueError(f"mesh slices must be a positive count or -1, got {slices}")
+  if slices > 1:
+    if slices != have:
+      raise ValueError(f"mesh slices={slices} but the devices form {have} slice(s)")
+    per_slice = len(devices) // slices
+    shape = _resolve_shape(shape, per_slice, f"{dict(zip(AXES, shape))} per slice")
+    if math.prod(shape) != per_slice:
+      raise ValueError(f"mesh {dict(zip(AXES, shape))} per slice needs {math.prod(shape)} "
+                       f"devices, each slice has {per_slice}")
+    return mesh_utils.create_hybrid_device_mesh(shape, (slices, 1, 1), devices)
+  shape = _resolve_shape(shape, len(devices), str(dict(zip(AXES, shape))))
   if math.prod(shape) > len(devices) or len(devices) % math.prod(shape):
     raise ValueError(f"mesh {dict(zip(AXES, shape))} needs {math.prod(shape)} devices, "
                      f"there are {len(devices)}")
@@ -79,8 +111,41 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] = None) -> Mesh:
     if jax.process_count() > 1:
       raise ValueError(f"mesh {dict(zip(AXES, shape))} leaves devices of a multi-host run idle")
     devices = devices[:math.prod(shape)]
-  grid = np.asarray(devices, dtype=object).reshape(shape)
+  try:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    # A device subset or shape the topology helper cannot place (e.g. part of a TPU slice).
+    return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  grid = device_grid(settings_lib.as_dict(mesh_config, "mesh config"), devices)
   return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def data_shard(sharding: NamedSharding, global_batch_size: int) -> Tuple[int, int]:
+  """(index, count) of the input shard this process feeds: processes holding the same batch
+  rows (replicas across a model-parallel axis) get the same index, so they read identical
+  data; a mesh whose processes hold overlapping but different rows is refused."""
+  rows = set()
+  for (index,) in (i[:1] for i in sharding.addressable_devices_indices_map((global_batch_size,)).values()):
+    rows.add((index.start or 0, global_batch_size if index.stop is None else index.stop))
+  lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
+  if sum(b - a for a, b in rows) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(rows)}, not one "
+                     "contiguous block: put the data/fsdp axes over processes in order")
+  blocks = [(lo, hi)]
+  if jax.process_count() > 1:
+    gathered = multihost_utils.process_allgather(np.asarray([lo, hi], np.int64))
+    blocks = sorted({(int(a), int(b)) for a, b in np.asarray(gathered).reshape(-1, 2)})
+  sizes = {b - a for a, b in blocks}
+  tiles = all(blocks[i][1] == blocks[i + 1][0] for i in range(len(blocks) - 1))
+  if len(sizes) != 1 or not tiles or blocks[0][0] != 0 or blocks[-1][1] != global_batch_size:
+    raise ValueError(f"the mesh gives processes overlapping batch rows {blocks}: processes that "
+                     "share rows must hold exactly the same ones; change the mesh")
+  return blocks.index((lo, hi)), len(blocks)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -128,7 +193,11 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules=VIT_RULES):
   return jax.jit(init_fn, out_shardings=shardings)(), shardings
 
 
-def global_batch(local_batch, sharding: NamedSharding):
-  """Assembles each process's slice into one global array sharded along the batch axis."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local_batch)
+def global_batch(local_batch, sharding: NamedSharding, global_batch_size: int = None):
+  """Assembles each process's rows into one global array sharded along the batch axis
+  (`global_batch_size` makes replicated rows across processes unambiguous)."""
+  def make(x):
+    x = np.asarray(x)
+    shape = None if global_batch_size is None else (global_batch_size,) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+  return jax.tree.map(make, local_batch)

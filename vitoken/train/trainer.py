@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vitoken import settings as settings_lib
 from vitoken import tasks as tasks_lib
 from vitoken.data import pipeline
 from vitoken.train import checkpoint as ckpt_lib
 from vitoken.train import config as config_lib
+from vitoken.train import distributed
 from vitoken.train import metrics as metrics_lib
 from vitoken.train import optim, sharding
 
@@ -30,28 +32,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite."""
-
-
-def maybe_initialize_distributed(dist_config) -> None:
-  """Multi-host start-up; must run before anything touches a JAX device."""
-  mode = dist_config.get("initialize", "auto")
-  if mode in (False, "false", "False", 0):
-    return
-  address = dist_config.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-  if mode == "auto" and not address:
-    return
-  if jax.distributed.is_initialized():
-    return
-  # Cross-process collectives on CPU need gloo; the option is ignored by GPU/TPU clients.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
-  if address:
-    kwargs["coordinator_address"] = address
-  if dist_config.get("num_processes", 0) > 0:
-    kwargs["num_processes"] = int(dist_config.num_processes)
-  if dist_config.get("process_id", -1) >= 0:
-    kwargs["process_id"] = int(dist_config.process_id)
-  jax.distributed.initialize(**kwargs)
 
 
 def check_workdir(workdir: str) -> str:
@@ -96,6 +76,9 @@ class Trainer:
     self.abstract_state = jax.eval_shape(self._init_state)
     self.state_shardings = sharding.tree_shardings(self.abstract_state, self.mesh, self.rules)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
+    # Which input shard this process reads: replicas of the same batch rows (a model-parallel
+    # axis across processes) read the same shard.
+    self.data_index, self.data_count = sharding.data_shard(self.batch_sharding, config.batch_size)
     repl = sharding.replicated(self.mesh)
     # Arrays the step reads but never trains (a teacher): sharded by the same rules, not donated.
     frozen = self.task.frozen_params()
@@ -185,9 +168,9 @@ class Trainer:
     """Resumes from the workdir's latest readable checkpoint, else a fresh (or init_from) state."""
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract_state, self.state_shardings)
-    step, state = self.checkpointer.restore_latest(abstract, train_iter)
+    step, state = self.checkpointer.restore_latest(abstract, train_iter, self.config)
     if state is not None:
-      log.info("resumed from step %d", step)
+      log.info("resumed from the checkpoint at step %d in %s", step, self.checkpointer.directory)
       return int(step), state
     state, _ = sharding.init_sharded(self._init_state, self.mesh)
     if self.config.init_from.path:
@@ -216,13 +199,16 @@ class Trainer:
     totals = None
     key = jax.random.key(self.config.seed + 2)
     for i, batch in enumerate(self._eval_batches()):
-      out = self.eval_step(params, sharding.global_batch(batch, self.batch_sharding), self.frozen,
-                           jax.random.fold_in(key, i))
+      out = self.eval_step(params, self._global(batch), self.frozen, jax.random.fold_in(key, i))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     return self.task.eval_summary(jax.device_get(totals))
 
+  def _global(self, local_batch):
+    return sharding.global_batch(local_batch, self.batch_sharding, self.config.batch_size)
+
   def _eval_batches(self):
     return pipeline.eval_iterator(self.config.data, global_batch_size=self.config.batch_size,
+                                  process_index=self.data_index, process_count=self.data_count,
                                   labels=self.task.uses_labels,
                                   batch_fields=self.task.batch_fields(), seed=self.config.seed)
 
@@ -239,11 +225,42 @@ class Trainer:
     return _mean_metrics([{k: float(v) for k, v in r.items()} for r in records])
 
   def _meta(self, step: int) -> Dict[str, Any]:
-    return {"step": step, "config": json.loads(self.config.to_json_best_effort())}
+    return {"step": step, "config": json.loads(self.config.to_json_best_effort()),
+            "process_count": jax.process_count()}
+
+  def describe(self) -> str:
+    """The run's key facts, in one line."""
+    c, m, info = self.config, self.model, self.info
+    reduction = getattr(m, "token_reduction", None)
+    model = (f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch "
+             f"{'x'.join(map(str, m.patch_size))} pool {m.pool_type}"
+             + (f" reducers {settings_lib.plain(reduction)}" if reduction else "")
+             if hasattr(m, "width") else type(m).__name__)
+    data = c.data.folder or c.data.name
+    return (f"task {self.task.task_name} | {model}, {self.num_params:,} params | data {data}: "
+            f"{info.train_examples:,} train / {info.eval_examples:,} eval, "
+            f"{'x'.join(map(str, info.image_shape))} | batch {c.batch_size}, {c.total_steps} steps, "
+            f"{c.optim.name} lr {c.optim.lr} | mesh {dict(self.mesh.shape)} over "
+            f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
+            f"process(es) | workdir {self.workdir}")
 
   def run(self) -> Dict[str, Any]:
     c = self.config
+    log.info("%s", self.describe())
+    claim = distributed.PrimaryClaim(self.workdir) if jax.process_index() == 0 else None
+    try:
+      if claim is not None:
+        claim.check()
+      return self._run(claim)
+    finally:
+      if claim is not None:
+        claim.release()
+
+  def _run(self, claim) -> Dict[str, Any]:
+    c = self.config
     train_iter = pipeline.train_iterator(c.data, global_batch_size=c.batch_size, seed=c.seed,
+                                         process_index=self.data_index,
+                                         process_count=self.data_count,
                                          labels=self.task.uses_labels,
                                          batch_fields=self.task.batch_fields())
     start_step, state = self.initial_state(train_iter)
@@ -257,7 +274,7 @@ class Trainer:
     t_start, steps_run = time.time(), 0
     try:
       for step in range(start_step + 1, c.total_steps + 1):
-        batch = sharding.global_batch(next(train_iter), self.batch_sharding)
+        batch = self._global(next(train_iter))
         state, metrics = self.train_step(state, batch, self.frozen)
         pending.append((step, metrics))
         steps_run += 1
@@ -266,6 +283,8 @@ class Trainer:
         do_save = last or step % max(c.checkpoint.every_steps, 1) == 0
         if last or do_eval or do_save or step % c.log_every_steps == 0:
           train_metrics = self._drain(pending)
+          if claim is not None:
+            claim.check()
           logger.write(step, train_metrics, split="train")
           logger.progress(step, loss=train_metrics["loss"])
         if do_eval:
@@ -274,8 +293,11 @@ class Trainer:
             eval_metrics["eval_ema"] = self.evaluate(state["ema_params"])
           for split, values in eval_metrics.items():
             logger.write(step, values, split=split)
+            log.info("%s at step %d: %s", split, step,
+                     ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         if do_save:
           self.checkpointer.save(step, state, train_iter, self._meta(step), force=True)
+          log.info("checkpoint at step %d saved to %s", step, self.checkpointer.directory)
     finally:
       self.checkpointer.close()
       logger.close()
@@ -296,5 +318,5 @@ class Trainer:
 
 def run(config, workdir: str) -> Dict[str, Any]:
   """Trains per `config` in `workdir` (resuming from its checkpoints); returns the summary."""
-  maybe_initialize_distributed(config.distributed)
+  distributed.maybe_initialize(config.distributed)
   return Trainer(config, workdir).run()

@@ -113,9 +113,7 @@ class ReadBlock(base.Reducer):
   needs = frozenset({base.KEYS_MEAN, base.CLS_ATTN})
   changes_shape = False
 
-  @classmethod
-  def layer_settings(cls, depth, layers: Sequence[int] = (1,)):
-    return {i: {} for i in layers}
+  default_layers = (1,)
 
   @nn.compact
   def __call__(self, state, info, *, train=False):
@@ -167,9 +165,7 @@ class RecordX(base.Reducer):
   stages = (base.PRE_BLOCK,)
   changes_shape = False
 
-  @classmethod
-  def layer_settings(cls, depth, layers: Sequence[int] = (0,)):
-    return {i: {} for i in layers}
+  default_layers = (0,)
 
   @nn.compact
   def __call__(self, state, info, *, train=False):
@@ -182,9 +178,7 @@ class DenseToy(base.Reducer):
   stages = (base.POST_ATTN,)
   changes_shape = False
 
-  @classmethod
-  def layer_settings(cls, depth, layers: Sequence[int] = (1,)):
-    return {i: {} for i in layers}
+  default_layers = (1,)
 
   @nn.compact
   def __call__(self, state, info, *, train=False):
@@ -198,9 +192,7 @@ class ContextToy(base.Reducer):
   stages = (base.PRE_BLOCK,)
   changes_shape = False
 
-  @classmethod
-  def layer_settings(cls, depth, layers: Sequence[int] = (1,)):
-    return {i: {} for i in layers}
+  default_layers = (1,)
 
   @nn.compact
   def __call__(self, state, info, *, train=False):
@@ -619,9 +611,7 @@ class TwoStageLoss(base.Reducer):
   stages = (base.PRE_BLOCK, base.POST_BLOCK)
   changes_shape = False
 
-  @classmethod
-  def layer_settings(cls, depth, layers: Sequence[int] = (1,)):
-    return {i: {} for i in layers}
+  default_layers = (1,)
 
   def __call__(self, state, info, *, train=False):
     return state, {"losses": {"l": jnp.float32(1.0 if info.stage == base.PRE_BLOCK else 2.0)}}
@@ -778,9 +768,7 @@ class AnchoredRule(base.Reducer):
   changes_shape = False
   sharding_rules = ((r"^proj/kernel$", ("fsdp", None)), (r"bias$", ("tensor",)))
 
-  @classmethod
-  def layer_settings(cls, depth, layers: Sequence[int] = (0,)):
-    return {i: {} for i in layers}
+  default_layers = (0,)
 
   def __call__(self, state, info, *, train=False):
     return state, {}

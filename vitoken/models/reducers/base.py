@@ -292,9 +292,14 @@ class Reducer(nn.Module):
   # (regex on the parameter path below the reducer, partition spec); the rest is replicated.
   sharding_rules: ClassVar[Tuple[Tuple[str, Tuple], ...]] = ()
 
+  # Where the default `layer_settings` places the method when its entry names no `layers`.
+  default_layers: ClassVar[Optional[Tuple[int, ...]]] = None
+
   @classmethod
   def layer_settings(cls, depth: int, layers: Optional[Sequence[int]] = None,
                      **settings) -> Dict[int, Dict[str, Any]]:
+    """Default schema: `layers` (or the class's `default_layers`) plus the module's fields."""
+    layers = cls.default_layers if layers is None else layers
     if layers is None:
       raise ValueError(f"token_reduction method {cls.method_name()!r} needs `layers`, "
                        "the block indices it runs at")

@@ -154,6 +154,77 @@ def test_schedule_errors():
     optim.make_schedule(None, 1.0, 0)
 
 
+def _np_schedule_every_step(steps, base, total, warmup, decay, end_factor, init_factor):
+  """The schedule's definition in float64 numpy, for an array of steps.
+
+  Linear warmup base * init_factor -> base over [0, warmup), then `decay` from base to
+  base * end_factor over the remaining total - warmup steps, holding the end value after. With
+  warmup == total the decay has no steps: base at step `total`, the end value after it.
+  """
+  steps = np.asarray(steps, np.float64)
+  end = base * end_factor
+  span = total - warmup
+  frac = np.clip((steps - warmup) / span, 0.0, 1.0) if span else (steps > total).astype(float)
+  if decay == "cosine":
+    lr = end + (base - end) * 0.5 * (1 + np.cos(np.pi * frac))
+  elif decay == "linear":
+    lr = base + (end - base) * frac
+  else:
+    lr = np.full_like(steps, base)
+  if warmup:
+    lr = np.where(steps < warmup, base * (init_factor + (1 - init_factor) * steps / warmup), lr)
+  return lr
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("total,warmup,end_factor,init_factor", [
+    (50, 0, 0.0, 0.0), (50, 7, 0.1, 0.25), (50, 50, 0.1, 0.25), (1, 1, 0.5, 0.0), (1, 0, 0.5, 0.0),
+    (9, 3, 2.0, 1.5)], ids=["no_warmup", "warmup", "warmup_eq_total", "one_step_warmup",
+                            "one_step", "rising"])
+def test_schedule_matches_numpy_at_every_step(decay, total, warmup, end_factor, init_factor):
+  base = 3e-3
+  sched = optim.make_schedule(dict(warmup_steps=warmup, decay=decay, end_factor=end_factor,
+                                   warmup_init_factor=init_factor), base, total)
+  steps = np.arange(total + 6)
+  want = _np_schedule_every_step(steps, base, total, warmup, decay, end_factor, init_factor)
+  eager = np.array([float(sched(int(s))) for s in steps])
+  traced = np.asarray(_jit(jax.vmap(sched))(jnp.asarray(steps, jnp.int32)))
+  assert traced.dtype == np.float32
+  for got in (eager, traced):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * base)
+  # The landmarks exactly as documented.
+  np.testing.assert_allclose(eager[warmup], base, rtol=1e-6)
+  if warmup:
+    np.testing.assert_allclose(eager[0], base * init_factor, rtol=1e-6, atol=1e-12)
+  if warmup < total:
+    end = base if decay == "constant" else base * end_factor
+    np.testing.assert_allclose(eager[total:], end, rtol=1e-6, atol=1e-7 * base)
+
+
+def test_path_str_names():
+  """'/'-joined key paths for every key kind jax makes (dict, sequence, attribute, index)."""
+  import collections  # pylint: disable=import-outside-toplevel
+  import flax  # pylint: disable=import-outside-toplevel
+  from flax.core import FrozenDict  # pylint: disable=import-outside-toplevel
+
+  @flax.struct.dataclass
+  class State:
+    x: jax.Array
+    meta: int = flax.struct.field(pytree_node=False, default=0)
+
+  point = collections.namedtuple("point", "u v")
+  tree = {"block_00": FrozenDict({"attn": {"qkv": {"kernel": 1}}}), "list": [2, (3, 4)],
+          "nt": point(5, 6), "state": State(x=7), "ints": {3: 8}}
+  names = [layout.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert names == ["block_00/attn/qkv/kernel", "ints/3", "list/0", "list/1/0", "list/1/1",
+                   "nt/u", "nt/v", "state/x"]
+  assert layout.path_str(()) == ""
+  path = jax.tree_util.tree_flatten_with_path(tree)[0][0][0]
+  assert [layout.key_name(e) for e in path] == ["block_00", "attn", "qkv", "kernel"]
+  # Index keys of pytrees registered without key names.
+  assert layout.key_name(jax.tree_util.FlattenedIndexKey(2)) == "2"
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizers vs optax references
 # ---------------------------------------------------------------------------------------------

@@ -78,8 +78,14 @@ def test_sigkill_mid_training_then_resume_reproduces_losses(tmp_path):
   victim.wait()
   killed_at = max(_losses(killed))
   assert killed_at < 30, "the run finished before it could be killed"
+  saved = _steps(killed)
   out, _ = _train(killed, *flags).communicate(timeout=300)
-  assert "resumed from step" in out or _steps(killed)[-1] == 30, out
+  # A real resume: the rerun started at one of the victim's checkpoints (>= 10) and ran only
+  # the remaining steps; a rerun from scratch would also end with 30 steps logged.
+  rerun = json.load(open(killed / "summary.json"))
+  start = rerun["start_step"]
+  assert start >= 10 and start in saved and rerun["steps_run"] == 30 - start, (saved, rerun, out)
+  assert re.search(rf"resumed from .*step {start}\b", out), out
   out_ref, _ = reference.communicate(timeout=300)
   assert reference.returncode == 0, out_ref
   want, got = _losses(full), _losses(killed)

@@ -109,7 +109,7 @@ def _mlp(flat, src, dst, out):
 def from_big_vision(npz_path_or_dict: Union[str, os.PathLike, Dict[str, Any]],
                     variant: Optional[str] = None, *,
                     image_size: Optional[common.ImageSize] = None,
-                    posemb_resize: str = "bilinear", **overrides):
+                    posemb_resize: str = "big_vision", **overrides):
   """Builds the vitoken ViT for a big_vision checkpoint and converts its weights.
 
   Args:
@@ -117,6 +117,8 @@ def from_big_vision(npz_path_or_dict: Union[str, os.PathLike, Dict[str, Any]],
     variant: e.g. "B/16"; sets the head count (which a checkpoint does not record). Width,
       depth, MLP size and patch size are read from the weights.
     image_size: resolution to run at; the learned position embedding is resized to it.
+    posemb_resize: "big_vision" (scipy.ndimage.zoom, order 1, as big_vision's
+      resample_posemb) or a jax.image.resize method (timm's way).
     **overrides: ViT fields, e.g. token_reduction={...}, dtype=jnp.bfloat16, scan=True.
 
   Returns:

@@ -11,15 +11,12 @@ _BLOCK = re.compile(r"^block_(\d+)$")
 
 def key_name(entry) -> str:
   """The name of one jax key-path entry (dict key, attribute or sequence index)."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
+  return path_str((entry,))
 
 
 def path_str(path) -> str:
   """'/'-joined name of a jax key path: `block_00/attn/qkv/kernel`."""
-  return "/".join(key_name(e) for e in path)
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _plain(tree):

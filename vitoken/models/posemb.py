@@ -24,7 +24,9 @@ def resize_posemb(posemb, old_grid: Tuple[int, int], new_grid: Tuple[int, int], 
                   num_prefix: int = 0, method: str = "bilinear"):
   """Resamples a learned [1, num_prefix + gh*gw, C] embedding to a new patch grid.
 
-  Prefix entries (class/register positions) are kept as they are.
+  Prefix entries (class/register positions) are kept as they are. `method` is a
+  `jax.image.resize` method with antialiasing (timm's `resample_abs_pos_embed`), or
+  "big_vision": `scipy.ndimage.zoom(order=1)`, as big_vision's `resample_posemb`.
   """
   posemb = jnp.asarray(posemb)
   old_grid, new_grid = tuple(old_grid), tuple(new_grid)
@@ -37,7 +39,12 @@ def resize_posemb(posemb, old_grid: Tuple[int, int], new_grid: Tuple[int, int], 
     return posemb
   prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]
   grid = grid.reshape(old_grid + (-1,))
-  grid = jax.image.resize(grid.astype(jnp.float32), new_grid + grid.shape[-1:], method=method,
-                          antialias=True)
+  if method == "big_vision":
+    import scipy.ndimage  # pylint: disable=import-outside-toplevel
+    zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
+    grid = jnp.asarray(scipy.ndimage.zoom(np.asarray(grid, np.float32), zoom, order=1))
+  else:
+    grid = jax.image.resize(grid.astype(jnp.float32), new_grid + grid.shape[-1:], method=method,
+                            antialias=True)
   grid = grid.reshape((1, new_grid[0] * new_grid[1], -1)).astype(posemb.dtype)
   return jnp.concatenate([prefix, grid], axis=1)

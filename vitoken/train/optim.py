@@ -129,24 +129,21 @@ def make_schedule(schedule_config, base_lr: float, total_steps: int) -> optax.Sc
   init_factor = _number(cfg, "warmup_init_factor", "schedule", ">= 0", lambda v: v >= 0)
 
   base_lr = float(base_lr)
-  end_lr = base_lr * end_factor
-  init_lr = base_lr * init_factor
-  # warmup_steps == total_steps leaves no step after warmup; max() only avoids 0/0 there.
+  # warmup_steps == total_steps leaves no step after warmup; max() keeps optax's decay length
+  # positive there (the lr then reaches its end value one step past total_steps).
   decay_steps = max(total_steps - warmup, 1)
+  if decay == "cosine":
+    after = optax.cosine_decay_schedule(base_lr, decay_steps, alpha=end_factor)
+  elif decay == "linear":
+    after = optax.linear_schedule(base_lr, base_lr * end_factor, decay_steps)
+  else:
+    after = optax.constant_schedule(base_lr)
+  if warmup > 0:
+    after = optax.join_schedules(
+        [optax.linear_schedule(base_lr * init_factor, base_lr, warmup), after], [warmup])
 
   def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-    if decay == "cosine":
-      lr = end_lr + (base_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-    elif decay == "linear":
-      lr = base_lr + (end_lr - base_lr) * frac
-    else:
-      lr = jnp.full_like(frac, base_lr)
-    if warmup > 0:
-      warm = init_lr + (base_lr - init_lr) * (step / warmup)
-      lr = jnp.where(step < warmup, warm, lr)
-    return lr
+    return jnp.asarray(after(jnp.asarray(step, jnp.float32)), jnp.float32)
 
   return schedule
 

@@ -30,6 +30,11 @@ _INSTALL_REQUIRES = ([] if _KEEP_JAX else _JAX) + [
     "tqdm>=4.66",
     "absl-py>=2",
     "scikit-learn>=1.4",  # ships the UCI digits that cluttered digits is built from
+    "tensorboardX>=2.6,<3",  # writes the TensorBoard event files
+    # gs:// workdirs and data without TensorFlow: etils.epath reads buckets through gcsfs, and
+    # orbax lists and deletes checkpoints in a bucket with google-cloud-storage.
+    "gcsfs>=2024.2",
+    "google-cloud-storage>=2.14",
 ]
 
 _EXTRAS = {

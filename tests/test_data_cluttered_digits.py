@@ -62,18 +62,47 @@ def test_two_builds_are_byte_identical(tiny_dir, tmp_path):
       assert a["image"].tobytes() == b["image"].tobytes() and a["label"] == b["label"]
 
 
-def test_concurrent_builds_into_one_data_dir_build_once(tmp_path, monkeypatch):
-  # Two builders racing on one data_dir (xdist workers, trainers on one host): the lock
-  # makes the second wait and then find the dataset ready.
+def test_concurrent_builds_into_one_data_dir_publish_one_copy(tmp_path, monkeypatch):
+  # Two builders racing on one data_dir (xdist workers, trainers on several hosts): each builds
+  # privately, one publishes by a rename and the other uses that copy; no lock is needed, so
+  # this works in buckets as well.
   calls = []
   original = cd.ClutteredDigits.download_and_prepare
   monkeypatch.setattr(cd.ClutteredDigits, "download_and_prepare",
                       lambda self, **kw: (calls.append(1), original(self, **kw))[1])
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     builders = list(pool.map(lambda _: cd.build(str(tmp_path), config="tiny"), range(2)))
-  assert len(calls) == 1
+  assert 1 <= len(calls) <= 2
   for builder in builders:
-    assert builder.info.splits["test"].num_examples == 300
+    assert builder.is_prepared() and builder.info.splits["test"].num_examples == 300
+  assert len(tfds.data_source(f"{cd.NAME}/tiny", split="test", data_dir=str(tmp_path))) == 300
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cluttered_digits", "downloads"]
+  assert [p.name for p in (tmp_path / "cluttered_digits" / "tiny").iterdir()] == ["1.0.0"]
+
+
+def test_a_build_that_lost_the_race_uses_the_published_copy(tmp_path, monkeypatch):
+  # Another process publishes while this one builds: this one's copy is dropped.
+  original = cd.ClutteredDigits.download_and_prepare
+
+  def build_while_another_publishes(self, **kw):
+    if not calls:
+      calls.append(1)
+      cd.build(str(tmp_path), config="tiny")  # the other process, finishing first
+    return original(self, **kw)
+  calls = []
+  monkeypatch.setattr(cd.ClutteredDigits, "download_and_prepare", build_while_another_publishes)
+  builder = cd.build(str(tmp_path), config="tiny")
+  assert builder.is_prepared() and builder.info.splits["train"].num_examples == 1_000
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vitoken-build")]
+
+
+def test_an_unfinished_dataset_left_in_place_is_named(tmp_path):
+  leftover = tmp_path / "cluttered_digits" / "tiny" / "1.0.0"
+  leftover.mkdir(parents=True)
+  (leftover / "cluttered_digits-train.array_record-00000-of-00001").write_bytes(b"half")
+  with pytest.raises(RuntimeError, match=r"1.0.0 holds an unfinished dataset .* delete it"):
+    cd.build(str(tmp_path), config="tiny")
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vitoken-build")]
 
 
 def test_stored_examples_are_the_rendered_ones_in_order(tiny_dir):

@@ -15,18 +15,22 @@ with a seeded Generator per (split, chunk of 5,000 images), so a given version i
 byte-identical. Building 50,000 + 10,000 images takes ~20 s on 2 CPU cores (69 MB on disk).
 
     from vitoken.data import cluttered_digits
-    cluttered_digits.build(data_dir=None)          # ~/tensorflow_datasets or $TFDS_DATA_DIR
+    cluttered_digits.build(data_dir=None)          # ~/tensorflow_datasets, $TFDS_DATA_DIR, gs://...
     source = tfds.data_source("cluttered_digits", split="train")   # or "cluttered_digits/tiny"
 """
 from __future__ import annotations
 
 import dataclasses
-import fcntl
+import os
+import tempfile
 from typing import Callable, Dict, Iterator, Optional, Tuple
+import uuid
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from vitoken import paths
 
 NAME = "cluttered_digits"
 CANVAS = 64
@@ -265,27 +269,63 @@ def builder(data_dir: Optional[str] = None, config: str = "default") -> Cluttere
 
 def build(data_dir: Optional[str] = None, config: str = "default") -> ClutteredDigits:
   """Builds the dataset into `data_dir` unless it is already there; returns the builder."""
-  return prepare_once(lambda: builder(data_dir, config))
+  return prepare_once(lambda directory=data_dir: builder(directory, config))
 
 
-def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+def prepare_once(make_builder: Callable[..., tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
   """Prepares a TFDS dataset as array_record unless it is there; returns a builder that reads it.
 
-  Processes that share the data_dir (pytest-xdist workers, several trainers on one host)
-  would otherwise race: tfds deletes "incomplete" files it finds, and the loser's final
-  rename fails. An exclusive lock beside the dataset makes them build one at a time, and
-  a waiting process finds the dataset ready.
+  `make_builder()` makes the builder of the dataset's data_dir (local or a bucket), and
+  `make_builder(other_dir)` the same builder for another data_dir.
+
+  Processes that share the data_dir (pytest-xdist workers, trainers on several hosts) would
+  race if they built into it: tfds deletes "incomplete" files it finds, and the loser's final
+  rename fails. No lock works on every storage (object storage has none), so each process
+  builds into a private temporary data_dir and then publishes the finished version folder:
+  on a local disk by one atomic rename, which only one process wins; in a bucket by copying
+  its files, dataset_info.json last (tfds counts a version as prepared once that file is
+  there). A process that finds the dataset published meanwhile uses that copy.
   """
   dataset_builder = make_builder()
   if dataset_builder.is_prepared():
     return dataset_builder
-  lock_path = epath.Path(dataset_builder.data_dir).parent / ".vitoken-build.lock"
-  lock_path.parent.mkdir(parents=True, exist_ok=True)
-  with open(lock_path, "a") as lock:  # closing the file releases the lock, error or not
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    # A fresh builder: one made before another process finished has no split info.
-    dataset_builder = make_builder()
-    if not dataset_builder.is_prepared():
-      dataset_builder.download_and_prepare(file_format="array_record")
-      dataset_builder = make_builder()
-  return dataset_builder
+  final = epath.Path(dataset_builder.data_path)  # {data_dir}/{name}/{config}/{version}
+  root = epath.Path(dataset_builder.data_dir_root)
+  remote = paths.is_remote(root)
+  # A bucket's dataset is built on local disk and uploaded; a local one next to its final
+  # place, so that publishing it is a rename on the same filesystem.
+  private = (epath.Path(tempfile.mkdtemp(prefix="vitoken-build-")) if remote
+             else root / f".vitoken-build-{uuid.uuid4().hex}")
+  try:
+    building = make_builder(os.fspath(private))
+    # Manually downloaded files stay where tfds looks for them: {data_dir}/downloads/manual.
+    building.download_and_prepare(file_format="array_record", download_dir=root / "downloads")
+    built = epath.Path(building.data_path)
+    if not make_builder().is_prepared():  # a fresh builder: another process may have won
+      _publish(built, final, remote)
+      defaults = built.parent.parent / ".config"
+      if defaults.is_dir() and not (final.parent.parent / ".config").exists():
+        _publish(defaults, final.parent.parent / ".config", remote, marker=None)
+  finally:
+    if private.exists():
+      private.rmtree()
+  # A fresh builder: one made before the dataset was published has no split info.
+  return make_builder()
+
+
+def _publish(built: epath.Path, final: epath.Path, remote: bool,
+             marker: Optional[str] = "dataset_info.json") -> None:
+  """Puts the folder `built` at `final`; in a bucket the `marker` file is copied last."""
+  if not remote:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      built.rename(final)
+    except OSError as e:  # published meanwhile by another process: that copy is used
+      if marker and built.exists() and not (final / marker).exists():
+        raise RuntimeError(f"{final} holds an unfinished dataset (no dataset_info.json), left by "
+                           "an interrupted build; delete it and build again") from e
+    return
+  files = sorted((p for p in built.iterdir() if not p.is_dir()),
+                 key=lambda p: (p.name == marker, p.suffix == ".json", p.name))
+  for source in files:
+    paths.copy_file(source, final / source.name)

@@ -26,10 +26,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
+from etils import epath
 import grain
 import jax
 import ml_collections
@@ -125,7 +125,7 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
   if not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f"seed must be a non-negative int, got {seed!r}")
   split = _open_split(settings, settings.train_split, settings.train_examples)
-  shard = grain.MapDataset.source(split.source)[process_index::process_count]
+  shard = split.source[process_index::process_count]
   if len(shard) == 0:
     raise ValueError(f"train split {settings.train_split!r} has {len(split.source)} examples: "
                      f"too few for {process_count} processes")
@@ -289,25 +289,10 @@ def _iterate(dataset: grain.MapDataset, worker_count: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Split:
-  source: Any  # random access: len(source), source[i] -> {"image": ..., "label": int, ...}
+  source: Any  # random access: len(source), source[i] -> {"image": ..., "label": int, ...};
+  # a grain MapDataset once `_open_split` returns it
   num_classes: int
   channels: int
-
-
-class _CappedSource:
-  """The first `length` examples of a random-access source."""
-
-  def __init__(self, source, length: int):
-    self._source = source
-    self._length = min(length, len(source))
-
-  def __len__(self) -> int:
-    return self._length
-
-  def __getitem__(self, index: int):
-    if not 0 <= index < self._length:
-      raise IndexError(f"index {index} out of range for {self._length} examples")
-    return self._source[index]
 
 
 class _PaddedSource:
@@ -335,9 +320,10 @@ def _open_split(settings: _Settings, split: str, cap: Optional[int]) -> _Split:
     if len(getattr(settings, key)) not in (1, opened.channels):
       raise ValueError(f"{key} has {len(getattr(settings, key))} values but the images have "
                        f"{opened.channels} channel(s); give 1 (broadcast) or {opened.channels}")
+  dataset = grain.MapDataset.source(opened.source)
   if cap is not None:
-    opened = dataclasses.replace(opened, source=_CappedSource(opened.source, cap))
-  return opened
+    dataset = dataset[:cap]  # the first `cap` examples (all of them when there are fewer)
+  return dataclasses.replace(opened, source=dataset)
 
 
 def _open_tfds(settings: _Settings, split: str) -> _Split:
@@ -362,7 +348,8 @@ def _prepared_builder(settings: _Settings):
   """The TFDS builder of `settings.name`, built first if missing and allowed."""
   name, data_dir = settings.name, settings.data_dir
   where = data_dir or "the default TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-  make_builder = lambda: tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  make_builder = lambda directory=data_dir: tfds.builder(name, data_dir=directory,
+                                                        file_format="array_record")
   try:
     builder = make_builder()
   except tfds.core.registered.DatasetNotFoundError:
@@ -415,7 +402,7 @@ class ImageFolderSource:
     return len(self._paths)
 
   def __getitem__(self, index: int) -> Dict[str, Any]:
-    data = pathlib.Path(self._paths[index]).read_bytes()
+    data = epath.Path(self._paths[index]).read_bytes()
     return {"image": ops.decode(data, self._channels), "label": self._labels[index]}
 
 
@@ -429,7 +416,7 @@ def _open_folder(root: str, split: str, settings: _Settings) -> _Split:
 
 def folder_classes(root: str, splits: Sequence[str]) -> List[str]:
   """Sorted class names: the subfolders of every existing root/<split>."""
-  root_path = pathlib.Path(root)
+  root_path = epath.Path(root)
   if not root_path.is_dir():
     raise FileNotFoundError(f"image folder {root} does not exist")
   split_dirs = [root_path / split for split in dict.fromkeys(splits) if (root_path / split).is_dir()]
@@ -445,7 +432,7 @@ def folder_classes(root: str, splits: Sequence[str]) -> List[str]:
 
 def folder_files(root: str, split: str, classes: Sequence[str]) -> Tuple[List[str], List[int]]:
   """Sorted image paths of root/<split> and their class indices."""
-  split_dir = pathlib.Path(root) / split
+  split_dir = epath.Path(root) / split
   if not split_dir.is_dir():
     raise FileNotFoundError(f"image folder {root} has no split folder {split!r} "
                             f"(expected {split_dir}/<class_name>/*.png)")
@@ -467,12 +454,12 @@ def _folder_channels(root: str, splits: Sequence[str], classes: Sequence[str]) -
   """1 if the folder's first image is grayscale, else 3: one answer for every split."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   for split in dict.fromkeys(splits):
-    if (pathlib.Path(root) / split).is_dir():
+    if (epath.Path(root) / split).is_dir():
       try:
         first = folder_files(root, split, classes)[0][0]
       except ValueError:
         continue
-      with Image.open(first) as image:
+      with epath.Path(first).open("rb") as f, Image.open(f) as image:
         return ops.channels_of_mode(image.mode)
   return 3
 

@@ -2,7 +2,8 @@
 
 Layout of `{workdir}/checkpoints/{step}/`: `state` (params, optimizer, EMA; restored onto
 whatever mesh the current run uses), `data` (each process's grain iterator state) and `meta`
-(JSON: the config, the step and the process count).
+(JSON: the config, the step and the process count). Every path here may be local or a bucket
+(gs://...): files go through etils.epath, arrays through orbax's TensorStore.
 
 Resuming never restarts silently. Only recognised corruption (a checkpoint whose files
 cannot be read or decoded) is moved aside to `checkpoints/unreadable/` (never deleted), with
@@ -13,13 +14,14 @@ and the fix. All processes agree on the verdict before anything moves, so none w
 another that failed.
 """
 import errno
+import io
 import json
 import logging
 import os
 import re
-import shutil
 from typing import Any, Optional
 
+from etils import epath
 import flax.traverse_util as traverse_util
 import grain
 import jax
@@ -27,16 +29,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vitoken import paths
 from vitoken.models import layout, posemb as posemb_lib
 
 log = logging.getLogger(__name__)
-
 
 class Checkpointer:
   """Saves every `every_steps` (and on demand), keeps `keep`, writes asynchronously."""
 
   def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = os.fspath(paths.resolve(directory))
     self._options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(every_steps), 1), max_to_keep=keep,
         enable_async_checkpointing=async_save, create=True)
@@ -114,18 +116,17 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
   def _set_aside(self, step: int, error: Exception):
-    src = os.path.join(self.directory, str(step))
-    dst = os.path.join(self.directory, "unreadable", str(step))
+    src = epath.Path(self.directory) / str(step)
+    dst = epath.Path(self.directory) / "unreadable" / str(step)
     msg = (f"checkpoint at step {step} is unreadable ({type(error).__name__}: {error}); "
            f"moved to {dst}, falling back to the previous checkpoint")
     log.warning(msg)
     print(f"WARNING: {msg}", flush=True)
     multihost_utils.sync_global_devices(f"set_aside_{step}_before")
-    if jax.process_index() == 0 and os.path.exists(src):
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      if os.path.exists(dst):
-        shutil.rmtree(dst)
-      os.replace(src, dst)
+    if jax.process_index() == 0 and src.exists():
+      if dst.exists():
+        dst.rmtree()
+      paths.move_tree(src, dst)
     multihost_utils.sync_global_devices(f"set_aside_{step}_after")
     self._manager.close()
     self._manager = self._open()
@@ -209,37 +210,40 @@ def _model_differences(saved_config, config) -> str:
   return ", ".join(diffs) + " (config vs checkpoint)" if diffs else ""
 
 
-def find_checkpoint(path: str) -> str:
-  """Accepts a run's workdir, its checkpoints dir, a step dir or its `state` item."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
+def find_checkpoint(path) -> str:
+  """Accepts a run's workdir, its checkpoints dir, a step dir or its `state` item (local or in
+  a bucket)."""
+  path = paths.resolve(path)
+  if not path.exists():
     raise FileNotFoundError(f"init_from: {path} does not exist")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  # In a bucket orbax writes a step in place and marks it complete last (commit_success.txt).
+  steps = ([int(d.name) for d in path.iterdir()
+            if d.name.isdigit() and ocp.step.is_checkpoint_finalized(d)]
+           if path.is_dir() else [])
   if steps:
-    path = os.path.join(path, str(max(steps)))
-  if os.path.isdir(os.path.join(path, "state")):
-    path = os.path.join(path, "state")
-  return path
+    path = path / str(max(steps))
+  if (path / "state").is_dir():
+    path = path / "state"
+  return os.fspath(path)
 
 
-def load_run_config(path: str):
+def load_run_config(path):
   """The config a run saved with its checkpoint (its workdir, checkpoints dir or a step)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  state_dir = find_checkpoint(path)
-  meta = os.path.join(os.path.dirname(state_dir), "meta", "metadata")
-  if not os.path.exists(meta):
+  state_dir = epath.Path(find_checkpoint(path))
+  meta = state_dir.parent / "meta" / "metadata"
+  if not meta.exists():
     raise FileNotFoundError(f"{path}: no run config beside the checkpoint (looked for {meta})")
-  with open(meta) as f:
-    return ml_collections.ConfigDict(json.load(f)["config"])
+  return ml_collections.ConfigDict(json.loads(meta.read_text())["config"])
 
 
-def load_params(path: str, *, image_size=None, channels: int = 3):
+def load_params(path, *, image_size=None, channels: int = 3):
   """Params of another run (its workdir or checkpoint) or a big_vision `.npz`, as numpy."""
-  if path.endswith(".npz"):
+  if os.fspath(path).endswith(".npz"):
     from vitoken.convert import from_big_vision  # pylint: disable=import-outside-toplevel
-    _, params = from_big_vision(path, image_size=image_size)
+    _, params = from_big_vision(_read_npz(path), image_size=image_size)
     return jax.tree.map(np.asarray, params)
   ckpt = find_checkpoint(path)
   try:
@@ -249,6 +253,20 @@ def load_params(path: str, *, image_size=None, channels: int = 3):
   if "params" not in restored:
     raise ValueError(f"init_from: {ckpt} holds no 'params' (keys: {sorted(restored)})")
   return jax.tree.map(np.asarray, restored["params"])
+
+
+def _read_npz(path):
+  """A local `.npz` path as is (the converter reads it); one in a bucket read into a dict."""
+  source = paths.resolve(path)
+  if not paths.is_remote(source):
+    return os.fspath(source)
+  if not source.exists():
+    raise FileNotFoundError(f"big_vision checkpoint not found: {source}")
+  try:
+    with np.load(io.BytesIO(source.read_bytes()), allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"cannot read {source} as an .npz checkpoint: {e}") from e
 
 
 def merge_params(target, loaded, *, exclude: Optional[str] = None, grid=None, num_prefix_pos=0,

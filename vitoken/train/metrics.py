@@ -6,33 +6,39 @@ Files under `workdir` (written by the primary process only):
   tensorboard/{split}/events.out.tfevents.*   scalar summaries, one TensorBoard run per split
   summary.json                final results, written by `write_summary`
 
+`workdir` is any path etils.epath takes: a local folder or a bucket (gs://, s3://, ...).
+Objects in a bucket cannot be appended to, so there metrics.jsonl and each event file are
+kept in memory and rewritten whole at each write (one upload; readers see the old or the new
+object, never a torn one); locally they are appended to.
+
 Non-finite floats are written as the JSON strings "NaN", "Infinity" and "-Infinity" rather
 than Python's bare NaN/Infinity tokens (which jq, JavaScript and strict JSON parsers reject) or
 null (which would hide whether a run diverged to inf or produced NaN). `read_jsonl` turns them
 back into floats. In summary.json they stay strings for the same reason.
 
-The TensorBoard writer is self-contained (TFRecord framing + a hand-encoded `Event` protobuf) so
-that neither TensorFlow nor tensorboardX is needed to write event files; TensorBoard itself is
-only needed to view them.
+Event files are written by tensorboardX (no TensorFlow needed); TensorBoard itself is only
+needed to view them.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
 import os
 import re
-import socket
-import struct
 import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from etils import epath
 import numpy as np
 import tqdm
 from tqdm import auto as tqdm_auto
 from tqdm import notebook as tqdm_notebook
+
+from vitoken import paths
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -96,25 +102,34 @@ def _decode_record(record: Dict[str, Any]) -> Dict[str, Any]:
           for k, v in record.items()}
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  """Writes via tmp + os.replace so readers (and crashes) never see a half-written file."""
-  tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+def _atomic_write_text(path, text: str) -> None:
+  """Writes so that readers (and crashes) never see a half-written file.
+
+  Locally via tmp + fsync + rename; in a bucket one upload is already atomic (and a "rename"
+  there is a copy and a delete).
+  """
+  path = epath.Path(path)
+  data = text.encode("utf-8")
+  if paths.is_remote(path):
+    path.write_bytes(data)
+    return
+  tmp = path.parent / f"{path.name}.tmp.{os.getpid()}.{threading.get_ident()}"
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
+    with tmp.open("wb") as f:
+      f.write(data)
       f.flush()
       # Without the fsync a power loss right after the rename can leave an empty file.
       os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.replace(path)
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    if tmp.exists():
+      tmp.unlink()
 
 
 # ----------------------------------------------------------------------------- JSONL
 
 
-def read_jsonl(path: str) -> List[Dict[str, Any]]:
+def read_jsonl(path) -> List[Dict[str, Any]]:
   """Reads a metrics.jsonl back to a list of dicts ("NaN"/"Infinity" strings become floats).
 
   A last line that does not parse is skipped: it is a record torn by a run killed mid-write.
@@ -126,8 +141,7 @@ def read_jsonl(path: str) -> List[Dict[str, Any]]:
 
 def _read_jsonl_with_status(path: str):
   """(records, torn): torn is True when the file's tail was not a complete line."""
-  with open(path, "r", encoding="utf-8") as f:
-    text = f.read()
+  text = epath.Path(path).read_bytes().decode("utf-8")
   lines = text.split("\n")
   # Text ending in "\n" leaves a final "" here; anything else there is an unterminated record.
   tail = lines.pop()
@@ -157,116 +171,86 @@ def _dump_record(record: Dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-def _make_crc32c_table():
-  poly = 0x82F63B78  # Castagnoli, reflected
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
-    table.append(crc)
-  return tuple(table)
+class _BucketRecordFile:
+  """An event file in a bucket for tensorboardX's RecordWriter: the bytes are kept in memory
+  and each flush uploads them whole (objects cannot be appended to)."""
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buffer = io.BytesIO()
+    self._pending = True
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+    self._pending = True
+
+  def flush(self) -> None:
+    if self._pending:
+      self._path.write_bytes(self._buffer.getvalue())
+      self._pending = False
+
+  def close(self) -> None:
+    self.flush()
 
 
-_CRC32C_TABLE = _make_crc32c_table()
+class _BucketRecordFactory:
+  """tensorboardX's hook for a URI prefix: its files go through epath like every other output."""
+
+  def open(self, path: str) -> _BucketRecordFile:
+    return _BucketRecordFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli) as used by TFRecord; records here are tiny, so pure Python is enough."""
-  crc = 0xFFFFFFFF
-  table = _CRC32C_TABLE
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _tfrecord(data: bytes) -> bytes:
-  length = struct.pack("<Q", len(data))
-  return (length + struct.pack("<I", masked_crc32c(length)) + data
-          + struct.pack("<I", masked_crc32c(data)))
-
-
-def _varint(value: int) -> bytes:
-  value &= (1 << 64) - 1  # negative int64s are encoded as their 10-byte two's complement
-  out = bytearray()
-  while True:
-    byte = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(byte | 0x80)
-    else:
-      out.append(byte)
-      return bytes(out)
-
-
-def _field_bytes(field: int, payload: bytes) -> bytes:
-  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _encode_event(wall_time: float, step: int, *, file_version: Optional[str] = None,
-                  scalars: Optional[Dict[str, float]] = None, session_start: bool = False) -> bytes:
-  """Serializes a tensorflow.Event (field numbers from tensorflow/core/util/event.proto).
-
-  Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5, session_log=7
-  (6 is the deprecated log_message); Summary: value=1; Summary.Value: tag=1,
-  simple_value=2 (float); SessionLog: status=1 (enum, START=1).
-  """
-  out = bytearray(b"\x09" + struct.pack("<d", wall_time))
-  out += b"\x10" + _varint(step)
-  if file_version is not None:
-    out += _field_bytes(3, file_version.encode("utf-8"))
-  if scalars:
-    summary = bytearray()
-    for tag, value in scalars.items():
-      # simple_value is a float32; values beyond its range become +-inf, as in tf.summary.
-      with np.errstate(over="ignore"):
-        packed = struct.pack("<f", np.float32(value))
-      summary += _field_bytes(1, _field_bytes(1, tag.encode("utf-8")) + b"\x15" + packed)
-    out += _field_bytes(5, bytes(summary))
-  if session_start:
-    out += _field_bytes(7, b"\x08\x01")
-  return bytes(out)
+def _tensorboardx():
+  """tensorboardX's event writer and protos, imported on first use (it imports torch when
+  torch is installed, which takes seconds)."""
+  from tensorboardX import event_file_writer, record_writer  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+  for scheme in ("gs", "s3", "az", "hf"):  # the URI schemes epath serves
+    if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _BucketRecordFactory):
+      record_writer.register_writer_factory(scheme, _BucketRecordFactory())
+  return event_file_writer, event_pb2, summary_pb2
 
 
 class _EventFileWriter:
-  """Appends scalar `Event` records to a new events.out.tfevents.* file in `logdir`."""
+  """A new events.out.tfevents.* file in `logdir`, written synchronously by tensorboardX.
+
+  (tensorboardX's SummaryWriter queues events for a background thread and its flush() does
+  not wait for that queue, so a run killed right after a write could lose it.)
+  """
 
   _seq = itertools.count()
 
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    while True:
-      # The zero-padded sequence keeps files from one process sorted by creation, which is the
-      # order TensorBoard reads them in (it matters for the resume purge below).
-      name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-              f"{os.getpid()}.{next(self._seq):04d}")
-      self.path = os.path.join(logdir, name)
-      try:
-        self._file = open(self.path, "xb")
-        break
-      except FileExistsError:
-        continue
-    self._write(_encode_event(time.time(), 0, file_version="brain.Event:2"))
-
-  def _write(self, event: bytes) -> None:
-    self._file.write(_tfrecord(event))
+  def __init__(self, logdir, *, purge_step: Optional[int] = None):
+    event_file_writer, self._event_pb2, self._summary_pb2 = _tensorboardx()
+    logdir = epath.Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    # events.out.tfevents.{time}.{host}.{pid}.{seq}: the zero-padded sequence keeps files of
+    # one process sorted by creation, the order TensorBoard reads them in (it matters for the
+    # resume purge below).
+    self._writer = event_file_writer.EventsWriter(
+        os.fspath(logdir / "events"), filename_suffix=f".{os.getpid()}.{next(self._seq):04d}")
+    if purge_step is not None:
+      # TensorBoard drops already-loaded points at steps >= a SessionLog.START's step.
+      self._writer.write_event(self._event_pb2.Event(
+          wall_time=time.time(), step=purge_step,
+          session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
 
   def add_scalars(self, step: int, wall_time: float, scalars: Dict[str, float]) -> None:
-    self._write(_encode_event(wall_time, step, scalars=scalars))
-
-  def add_session_start(self, step: int, wall_time: float) -> None:
-    self._write(_encode_event(wall_time, step, session_start=True))
+    # simple_value is a float32; values beyond its range become +-inf, as in tf.summary.
+    with np.errstate(over="ignore"):
+      values = [self._summary_pb2.Summary.Value(tag=tag, simple_value=float(np.float32(value)))
+                for tag, value in scalars.items()]
+    self._writer.write_event(self._event_pb2.Event(
+        wall_time=wall_time, step=step, summary=self._summary_pb2.Summary(value=values)))
 
   def flush(self) -> None:
-    self._file.flush()
+    self._writer.flush()
 
   def close(self) -> None:
-    self._file.close()
+    self._writer.close()
 
 
 # ----------------------------------------------------------------------------- progress bar
@@ -323,7 +307,7 @@ class MetricLogger:
   are dropped, since the resumed run redoes those steps.
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+  def __init__(self, workdir, *, total_steps: int, start_step: int = 0,
                is_primary: bool = True, progress: bool = True,
                global_batch_size: Optional[int] = None):
     self.workdir = workdir
@@ -331,7 +315,10 @@ class MetricLogger:
     self.start_step = int(start_step)
     self.is_primary = bool(is_primary)
     self.global_batch_size = global_batch_size
-    self.metrics_path = os.path.join(workdir, METRICS_FILE)
+    self._dir = epath.Path(workdir)
+    self.metrics_path = os.fspath(self._dir / METRICS_FILE)
+    # In a bucket the log is rewritten whole at each write: this holds its text.
+    self._jsonl_text: Optional[str] = None
     self._tb_writers: Dict[str, _EventFileWriter] = {}
     self._jsonl = None
     self._bar = None
@@ -341,34 +328,38 @@ class MetricLogger:
     self._ema_seconds = None
     if not self.is_primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._truncate_for_resume()
-    self._jsonl = open(self.metrics_path, "a", encoding="utf-8")
+    self._dir.mkdir(parents=True, exist_ok=True)
+    kept = self._truncate_for_resume()
+    if paths.is_remote(self._dir):
+      self._jsonl_text = kept
+    else:
+      self._jsonl = epath.Path(self.metrics_path).open("a")
     if _progress_enabled(progress, self.is_primary):
       self._bar = _make_bar(total=self.total_steps, initial=self.start_step)
 
-  def _truncate_for_resume(self) -> None:
-    """Drops records with step > start_step, and a torn tail that a later append would extend.
+  def _truncate_for_resume(self) -> str:
+    """Drops records with step > start_step, and a torn tail that a later append would extend;
+    returns the log's text as kept.
 
     Applied for start_step == 0 too: a run restarted from scratch redoes every step > 0.
     """
-    if not os.path.exists(self.metrics_path):
-      return
-    records, torn = _read_jsonl_with_status(self.metrics_path)
+    path = epath.Path(self.metrics_path)
+    if not path.exists():
+      return ""
+    records, torn = _read_jsonl_with_status(path)
     kept = [r for r in records if r.get("step", 0) <= self.start_step]
-    if len(kept) == len(records) and not torn:
-      return
-    _atomic_write_text(self.metrics_path,
-                       "".join(_dump_record(_encode_record(r)) + "\n" for r in kept))
+    text = "".join(_dump_record(_encode_record(r)) + "\n" for r in kept)
+    if len(kept) != len(records) or torn:
+      _atomic_write_text(path, text)
+    return text
 
   def _tb_writer(self, split: str) -> _EventFileWriter:
     writer = self._tb_writers.get(split)
     if writer is None:
-      writer = _EventFileWriter(os.path.join(self.workdir, TENSORBOARD_DIR, split))
-      if self.start_step > 0:
-        # TensorBoard drops already-loaded points at steps >= a SessionLog.START's step, so the
-        # stale tail of the interrupted run (> start_step) disappears like in metrics.jsonl.
-        writer.add_session_start(self.start_step + 1, time.time())
+      # A resumed run purges the stale tail of the interrupted one (> start_step) in
+      # TensorBoard, like in metrics.jsonl.
+      writer = _EventFileWriter(self._dir / TENSORBOARD_DIR / split,
+                                purge_step=self.start_step + 1 if self.start_step > 0 else None)
       self._tb_writers[split] = writer
     return writer
 
@@ -390,10 +381,15 @@ class MetricLogger:
       values[name] = _to_python(value, name)
     wall_time = time.time()
     record = {"step": step, "split": split, **values, "wall_time": wall_time}
-    self._jsonl.write(_dump_record(_encode_record(record)) + "\n")
-    # flush() hands the line to the OS, which keeps it through a SIGKILL; fsync per step would
-    # only add protection against power loss at a real cost on network filesystems.
-    self._jsonl.flush()
+    line = _dump_record(_encode_record(record)) + "\n"
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      # flush() hands the line to the OS, which keeps it through a SIGKILL; fsync per step
+      # would only add protection against power loss at a real cost on network filesystems.
+      self._jsonl.flush()
+    else:
+      self._jsonl_text += line
+      _atomic_write_text(self.metrics_path, self._jsonl_text)
     scalars = {k: float(v) for k, v in values.items() if isinstance(v, (bool, int, float))}
     if scalars:
       writer = self._tb_writer(split)
@@ -464,10 +460,11 @@ def _encode_record(record: Dict[str, Any]) -> Dict[str, Any]:
   return {k: _encode_json_value(v) for k, v in record.items()}
 
 
-def write_summary(workdir: str, summary: Dict[str, Any]) -> str:
+def write_summary(workdir, summary: Dict[str, Any]) -> str:
   """Writes {workdir}/summary.json atomically (numpy/jax scalars become numbers); its path."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, SUMMARY_FILE)
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = os.fspath(directory / SUMMARY_FILE)
   text = json.dumps(_to_json_tree(summary), allow_nan=False, indent=2, sort_keys=False) + "\n"
   _atomic_write_text(path, text)
   return path

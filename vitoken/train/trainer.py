@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vitoken import paths
 from vitoken import settings as settings_lib
 from vitoken import tasks as tasks_lib
 from vitoken.data import pipeline
@@ -35,16 +36,19 @@ class TrainingDiverged(RuntimeError):
 
 
 def check_workdir(workdir: str) -> str:
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  """The workdir, absolute (local, `~` expanded) or a bucket URI (gs://...), checked writable."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f"workdir {workdir} is not writable: {e}") from e
-  return workdir
+    path = paths.resolve(workdir)
+  except ValueError as e:
+    raise ValueError(f"workdir {e}") from None
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_test_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  (buckets fail with auth/import errors too)
+    raise ValueError(f"workdir {path} is not writable: {type(e).__name__}: {e}") from e
+  return os.fspath(path)
 
 
 def _mean_metrics(records: List[Dict[str, float]]) -> Dict[str, float]:
@@ -157,7 +161,7 @@ class Trainer:
     if "ema_params" in state:
       d = self.config.ema_decay
       new["ema_params"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], params)
-    metrics.update(grad_norm=optax.global_norm(grads), lr=self.schedule(step))
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=self.schedule(step))
     return new, metrics
 
   def _eval_step(self, params, batch, frozen, rng):

@@ -208,7 +208,7 @@ def _tensorboardx():
   torch is installed, which takes seconds)."""
   from tensorboardX import event_file_writer, record_writer  # pylint: disable=import-outside-toplevel
   from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
-  for scheme in ("gs", "s3", "az", "hf"):  # the URI schemes epath serves
+  for scheme in paths.URI_SCHEMES:
     if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _BucketRecordFactory):
       record_writer.register_writer_factory(scheme, _BucketRecordFactory())
   return event_file_writer, event_pb2, summary_pb2

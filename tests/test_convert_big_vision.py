@@ -403,3 +403,58 @@ def test_missing_file_raises(tmp_path):
   missing = tmp_path / "does_not_exist.npz"
   with pytest.raises((FileNotFoundError, ValueError), match=re.escape("does_not_exist")):
     from_big_vision(str(missing), VARIANT, depth=DEPTH)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints as big_vision's own loader reads them: bfloat16, `path:img`, training wrappers.
+# ------------------------------------------------------------------------------------------
+
+
+def _exported_tok():
+  """A big_vision-layout dict produced by to_big_vision, with its vitoken logits."""
+  module, params = from_big_vision(_case_checkpoint("tok"), VARIANT, depth=DEPTH)
+  images = _images(6)
+  return to_big_vision(module, params), _logits(module, params, images), images
+
+
+def test_import_bfloat16_npz(tmp_path):
+  import ml_dtypes
+  ckpt, want, images = _exported_tok()
+  bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in ckpt.items()}
+  path = _save(tmp_path / "bf16.npz", bf16)
+  with np.load(path) as f:  # numpy really stores them as 2-byte void
+    assert f["embedding/kernel"].dtype.kind == "V"
+  module, params = from_big_vision(path, VARIANT, depth=DEPTH)
+  got = _logits(module, params, images)
+  rounded = {k: np.asarray(v, np.float32) for k, v in bf16.items()}
+  _assert_close(got, reference_forward(rounded, images), "bf16 npz vs reference of rounded weights")
+  np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * max(1.0, np.abs(want).max()))
+
+
+def test_import_two_tower_prefix(tmp_path, caplog):
+  ckpt, want, images = _exported_tok()
+  two = {f"img/{k}": v for k, v in ckpt.items()}
+  two["txt/Embed_0/embedding"] = np.zeros((10, 8), np.float32)
+  two["t"] = np.zeros((1,), np.float32)
+  path = _save(tmp_path / "siglip.npz", two)
+  with caplog.at_level("INFO"):
+    module, params = from_big_vision(f"{path}:img", VARIANT, depth=DEPTH)
+  assert "img/" in caplog.text
+  np.testing.assert_allclose(_logits(module, params, images), want, rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match=r"'img/'.*'txt/'"):
+    from_big_vision(f"{path}:image", VARIANT, depth=DEPTH)
+
+
+@pytest.mark.parametrize("wrapper", ["params/", "opt/target/"])
+def test_import_training_checkpoint(wrapper, tmp_path, caplog):
+  ckpt, want, images = _exported_tok()
+  wrapped = {f"{wrapper}{k}": v for k, v in ckpt.items()}
+  wrapped["opt/state/count"] = np.zeros((), np.float32)  # optimizer state beside the params
+  path = _save(tmp_path / "train.npz", wrapped)
+  with caplog.at_level("INFO"):
+    module, params = from_big_vision(path, VARIANT, depth=DEPTH)
+  assert wrapper in caplog.text
+  np.testing.assert_allclose(_logits(module, params, images), want, rtol=0, atol=1e-6)
+  # The flat dict (not only the .npz) is unwrapped the same way.
+  module, params = from_big_vision(wrapped, VARIANT, depth=DEPTH)
+  np.testing.assert_allclose(_logits(module, params, images), want, rtol=0, atol=1e-6)

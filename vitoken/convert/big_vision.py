@@ -1,10 +1,12 @@
 """Imports and exports big_vision `.npz` ViT checkpoints (`Transformer/encoderblock_N/...`)."""
 import collections
+import logging
 import os
 import re
 from typing import Any, Dict, Optional, Union
 
 import flax.traverse_util as traverse_util
+import ml_dtypes
 import numpy as np
 
 from vitoken.convert import common
@@ -14,23 +16,73 @@ _MHA = "MultiHeadDotProductAttention_0"
 _MLP = "MlpBlock_0"
 
 
+def _recover_dtype(a) -> np.ndarray:
+  """As big_vision's `recover_dtype`: numpy saves bfloat16 as 2-byte void (`|V2`)."""
+  a = np.asarray(a)
+  if a.dtype.kind == "V" and a.itemsize == 2:
+    a = a.view(ml_dtypes.bfloat16)
+  return np.asarray(a, np.float32)
+
+
+class _SubtreeError(ValueError):
+  pass
+
+
+def _top_prefixes(names):
+  return sorted({n.split("/", 1)[0] + "/" for n in names if "/" in n})
+
+
+def _select(names, prefix: Optional[str], where: str) -> Dict[str, str]:
+  """Maps the ViT's parameter names to the checkpoint's names.
+
+  `prefix` (from `path.npz:prefix`, as big_vision's two-tower `load` takes `path:img`)
+  selects the keys under `prefix/`. Without one, a training checkpoint that wraps the
+  params under `params/` or `opt/target/` is unwrapped.
+  """
+  names = list(names)
+  if prefix is not None:
+    prefix = prefix.strip("/")
+    sel = {n[len(prefix) + 1:]: n for n in names if n.startswith(prefix + "/")}
+    if not sel:
+      raise _SubtreeError(f"{where}: no keys under {prefix + '/'!r}; the checkpoint's "
+                          f"prefixes are {_top_prefixes(names)}")
+    logging.info("big_vision checkpoint %s: using the subtree %r", where, prefix + "/")
+    mapping = sel
+  else:
+    mapping = {n: n for n in names}
+  if "embedding/kernel" not in mapping:
+    for wrapper in ("params/", "opt/target/"):
+      if wrapper + "embedding/kernel" in mapping:
+        logging.info("big_vision checkpoint %s: using the params under %r", where,
+                     (prefix + "/" if prefix else "") + wrapper)
+        return {k[len(wrapper):]: v for k, v in mapping.items() if k.startswith(wrapper)}
+  return mapping
+
+
 def _load(npz_path_or_dict) -> Dict[str, np.ndarray]:
   if isinstance(npz_path_or_dict, (str, os.PathLike)):
-    path = os.fspath(npz_path_or_dict)
+    path, prefix = os.fspath(npz_path_or_dict), None
+    if not os.path.exists(path) and ":" in path:  # big_vision's two-tower `path.npz:img`
+      head, tail = path.rsplit(":", 1)
+      if os.path.isfile(head):
+        path, prefix = head, tail
     if not os.path.exists(path):
       raise FileNotFoundError(f"big_vision checkpoint not found: {path}")
     try:
       with np.load(path, allow_pickle=False) as f:
-        flat = {k: f[k] for k in f.files}
+        flat = {k: f[v] for k, v in _select(f.files, prefix, path).items()}
+    except _SubtreeError:
+      raise
     except Exception as e:  # zipfile/pickle errors say nothing about which file
       raise ValueError(f"cannot read {path} as an .npz checkpoint: {e}") from e
   elif hasattr(npz_path_or_dict, "items"):
     flat = dict(npz_path_or_dict)
     if any(hasattr(v, "items") for v in flat.values()):
       flat = traverse_util.flatten_dict(flat, sep="/")
+    flat = {k: flat[v] for k, v in _select(flat, None, "dict").items()}
   else:
     raise ValueError(f"from_big_vision takes an .npz path or a dict, got {type(npz_path_or_dict).__name__}")
-  return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  return {k: _recover_dtype(v) for k, v in flat.items()}
 
 
 def _unstack_scanned(flat):

@@ -20,6 +20,7 @@ import scipy.stats
 from flax import traverse_util
 
 from tests.test_train_loop import smoke_config
+from tests.test_train_optim import _assert_trees_close
 from vitoken.convert import big_vision as bv_convert
 from vitoken.convert.torch_reference import import_timm
 from vitoken.data import ops, pipeline
@@ -43,14 +44,6 @@ def _flat(tree):
 def _randn_like(tree, seed, scale=1.0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32), tree)
-
-
-def _assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
-  fg, fw = _flat(got), _flat(want)
-  assert fg.keys() == fw.keys()
-  for k in fw:
-    np.testing.assert_allclose(np.asarray(fg[k]), np.asarray(fw[k]), rtol=rtol, atol=atol,
-                               err_msg=k)
 
 
 # ---------------------------------------------------------------------------------------------

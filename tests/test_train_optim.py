@@ -22,7 +22,7 @@ _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_le
 
 
 def _flat(tree):
-  return traverse_util.flatten_dict(tree, sep="/")
+  return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 def _params(scan=False, seed=0, **kw):

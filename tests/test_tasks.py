@@ -2,8 +2,6 @@
 to end, checkpointed and resumed), distillation from a teacher workdir or converted
 checkpoint, training progress reaching the reducers, eval rngs for random reducers, and the
 parameters that reducers declare (layer-decay group, sharding rules)."""
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

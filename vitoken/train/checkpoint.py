@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Optional
+from typing import Optional
 
 from etils import epath
 import flax.traverse_util as traverse_util

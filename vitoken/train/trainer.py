@@ -6,12 +6,11 @@ auxiliary losses arrive in the model's `aux["losses"]` and the tasks add them). 
 pins its in/out shardings, and the host reads metrics only every `log_every_steps` (that is
 also where a NaN loss is caught, naming its exact step, before any checkpoint can store it).
 """
-import dataclasses
 import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -249,7 +248,6 @@ class Trainer:
             f"process(es) | workdir {self.workdir}")
 
   def run(self) -> Dict[str, Any]:
-    c = self.config
     log.info("%s", self.describe())
     claim = distributed.PrimaryClaim(self.workdir) if jax.process_index() == 0 else None
     try:

@@ -1,6 +1,8 @@
 """What every weight importer shares: checking converted params against the model they feed."""
 from typing import Any, Dict, Tuple, Union
 
+from absl import logging
+
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,18 @@ def finalize(module: vit.VisionTransformer, params: Dict[str, Any], image_size: 
   expected = jax.eval_shape(module.init, jax.random.key(0), images)["params"]
   want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
   have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+  # Learned token reducers (TokenLearner, LookupViT's cross-attention) have no weights in a
+  # dense checkpoint: they start from their initialisers, so fine-tuning is expected.
+  fresh = sorted(k for k in set(want) - set(have) if k.startswith(reducer_scopes(module)))
+  if fresh:
+    init = jax.jit(module.init)(jax.random.key(0), jnp.zeros(images.shape, images.dtype))["params"]
+    init = traverse_util.flatten_dict(init, sep="/")
+    tree = traverse_util.flatten_dict(tree, sep="/")
+    tree.update({k: np.asarray(init[k], np.float32) for k in fresh})
+    logging.info("token reducer parameters not in the checkpoint start from their "
+                 "initialisers: %s", ", ".join(fresh))
+    have.update({k: want[k] for k in fresh})
+    tree = traverse_util.unflatten_dict(tree, sep="/")
   problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(have))]
   problems += [f"unexpected {k} {have[k]}" for k in sorted(set(have) - set(want))]
   problems += [f"{k}: checkpoint {have[k]} vs model {want[k]}"
@@ -44,6 +58,16 @@ def finalize(module: vit.VisionTransformer, params: Dict[str, Any], image_size: 
     raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
   dtype = module.param_dtype
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+def reducer_scopes(module: vit.VisionTransformer) -> Tuple[str, ...]:
+  """Parameter path prefixes owned by the configured token reducers."""
+  plan = module.plan()
+  scopes = {f"{p.name}/" for p in plan.embed}
+  for i, entries in enumerate(plan.per_layer):
+    block = "blocks" if module.scan else f"block_{i:02d}"
+    scopes.update(f"{block}/{p.name}/" for p in entries)
+  return tuple(sorted(scopes))
 
 
 def grid_from_posemb(length: int, num_prefix: int, image_size=None, patch=None):

@@ -131,3 +131,28 @@ def test_nonstandard_width_state_dict_needs_num_heads():
     from_timm(model.state_dict())
   module, params = from_timm(model.state_dict(), num_heads=4)
   assert _max_diff(module, params, model, _images(model)) < TOL
+
+
+@pytest.mark.parametrize("reduction,fresh", [
+    ({"method": "token_learner", "num_tokens": 4, "loc": 1}, {"block_01/token_learner"}),
+    ({"method": "token_learner", "num_tokens": 4, "loc": 2, "mode": "fuser"},
+     {"block_02/token_learner", "block_03/token_learner"}),
+    ({"method": "lookup", "grid": 2}, {f"block_{i:02d}/lookup" for i in range(4)}),
+])
+def test_learned_reducers_start_from_their_initialisers_on_converted_weights(reduction, fresh):
+  model = _random_timm("vit_tiny_patch16_224", depth=4, img_size=64)
+  dense_module, dense = from_timm(model)
+  module, params = from_timm(model, token_reduction=reduction)
+  flat = lambda t: {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                    for path, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = flat(params), flat(dense)
+  # Every converted weight is kept; only the reducer's own modules are new, and they are the
+  # module's initialisers (e.g. the fuser's zero mixing kernel), not zeros everywhere.
+  assert all(np.array_equal(got[k], v) for k, v in want.items())
+  new = {k for k in got if k not in want}
+  assert new and {"/".join(k.split("/")[:2]) for k in new} == fresh
+  init = flat(jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
+  assert all(np.array_equal(got[k], init[k]) for k in new)
+  assert any(np.abs(got[k]).max() > 0 for k in new)
+  logits, _ = module.apply({"params": params}, _images(model).transpose(0, 2, 3, 1))
+  assert np.isfinite(np.asarray(logits)).all()

@@ -199,6 +199,9 @@ class TokenLearner(base.Reducer):
       raise ValueError(f"token_learner version must be one of {VERSIONS}, got {version!r}")
     if mode not in MODES:
       raise ValueError(f"token_learner mode must be one of {MODES}, got {mode!r}")
+    if isinstance(bottleneck_dim, bool) or int(bottleneck_dim) != bottleneck_dim or bottleneck_dim < 1:
+      raise ValueError(f"token_learner bottleneck_dim must be a positive integer, got "
+                       f"{bottleneck_dim!r}")
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f"token_learner dropout_rate must be in [0, 1), got {dropout_rate!r}")
     kwargs = dict(num_tokens=int(num_tokens), version=version, mode=mode,
@@ -208,13 +211,16 @@ class TokenLearner(base.Reducer):
     layers = [int(loc)] if mode == "learner" else range(int(loc), depth)
     return {i: dict(kwargs) for i in layers}
 
+  def _dtypes(self):
+    """(compute dtype, param dtype): the model's, so the learned modules run in its precision."""
+    ctx = self.context
+    return (None, jnp.float32) if ctx is None else (ctx.dtype, ctx.param_dtype)
+
   def _learner(self) -> nn.Module:
-    ctx = self.context or base.ModelContext(width=0, num_heads=1, mlp_dim=0, depth=0)
     if self.version == "v1":
-      return TokenLearnerV1(self.num_tokens, self.use_sum_pooling, ctx.dtype, ctx.param_dtype,
-                            name="learner")
-    return TokenLearnerV11(self.num_tokens, self.bottleneck_dim, self.dropout_rate, ctx.dtype,
-                           ctx.param_dtype, name="learner")
+      return TokenLearnerV1(self.num_tokens, self.use_sum_pooling, *self._dtypes(), name="learner")
+    return TokenLearnerV11(self.num_tokens, self.bottleneck_dim, self.dropout_rate,
+                           *self._dtypes(), name="learner")
 
   @nn.compact
   def __call__(self, state: base.TokenState, info: base.BlockInfo, *, train: bool = False):
@@ -260,10 +266,9 @@ class TokenLearner(base.Reducer):
   def _fuse(self, state: base.TokenState, train: bool):
     entry, state = state.pop(self.name, "entry")
     p = state.num_prefix
-    ctx = self.context or base.ModelContext(width=0, num_heads=1, mlp_dim=0, depth=0)
     residual = entry["x"][:, p:]
     fused = TokenFuser(self.fuser_normalization, self.bottleneck_dim, self.dropout_rate,
-                       ctx.dtype, ctx.param_dtype, name="fuser")(
+                       *self._dtypes(), name="fuser")(
                            state.x[:, p:], residual, deterministic=not train)
     x = jnp.concatenate([state.x[:, :p], (fused + residual).astype(state.x.dtype)], axis=1)
     per_token = dict(state.per_token)

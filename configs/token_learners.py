@@ -18,7 +18,7 @@ Arguments (comma-separated):
            token, S = 8 or 16 before block 9 of 12, v1.1, Adam, 90 epochs)
   runlocal a seconds-long smoke run
 """
-from vitoken.train.config import base_config, parse_arg
+from vitoken.train.config import base_config, digits_recipe, parse_arg, runlocal
 
 METHODS = ("dense", "learner", "fuser", "lookup")
 PRESETS = {"im1k_s8": 8, "im1k_s16": 16}
@@ -45,10 +45,6 @@ def get_config(arg=None):
   c = base_config()
   if arg.preset:
     return _imagenet_preset(c, arg)
-
-  c.seed = 0
-  c.data.name = "cluttered_digits"
-  c.data.image_size = 64
   # 8x8 = 64 patch tokens of 8 px, six blocks: big enough that where tokens are learned matters,
   # small enough that every method trains in minutes on 2 CPU cores.
   c.model = dict(variant="Ti/8", width=64, depth=6, mlp_dim=128, num_heads=2, pool_type="gap",
@@ -60,27 +56,9 @@ def get_config(arg=None):
     if arg.method != "lookup":
       raise ValueError("eval_grid is a LookupViT setting (method=lookup)")
     c.eval_model_overrides = {"token_reduction": dict(reduction, grid=int(arg.eval_grid))}
-  c.batch_size = 128
-  c.total_steps = 2000
-  c.optim.name = "adamw"
-  c.optim.lr = 2e-3
-  c.optim.weight_decay = 0.05
-  c.schedule.warmup_steps = 200
-  c.schedule.decay = "cosine"
-  c.schedule.end_factor = 0.02
-  c.log_every_steps = 50
-  c.eval_every_steps = 1000
-  c.checkpoint.every_steps = 1000
-
+  digits_recipe(c, total_steps=2000, eval_every=1000)
   if arg.runlocal:
-    c.batch_size = 32
-    c.total_steps = 12
-    c.data.train_examples = 512
-    c.data.eval_examples = 256
-    c.log_every_steps = 2
-    c.eval_every_steps = 6
-    c.checkpoint.every_steps = 6
-    c.schedule.warmup_steps = 2
+    runlocal(c, checkpoint_every=6)
   return c
 
 

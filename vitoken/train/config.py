@@ -56,6 +56,39 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def digits_recipe(c: ml_collections.ConfigDict, *, total_steps: int,
+                  eval_every: int) -> ml_collections.ConfigDict:
+  """The small-ViT recipe the bundled cluttered-digits configs share: 64 px, batch 128, AdamW
+  (lr 2e-3, weight decay 0.05), 200 warmup steps then cosine to 2% of the peak."""
+  c.data.name = "cluttered_digits"
+  c.data.image_size = 64
+  c.batch_size = 128
+  c.total_steps = total_steps
+  c.optim.name = "adamw"
+  c.optim.lr = 2e-3
+  c.optim.weight_decay = 0.05
+  c.schedule.warmup_steps = 200
+  c.schedule.decay = "cosine"
+  c.schedule.end_factor = 0.02
+  c.log_every_steps = 50
+  c.eval_every_steps = eval_every
+  c.checkpoint.every_steps = eval_every
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict, *, checkpoint_every: int = 4) -> ml_collections.ConfigDict:
+  """Seconds-long smoke-run settings: 12 steps of 32 on capped splits, eval at 6 and 12."""
+  c.batch_size = 32
+  c.total_steps = 12
+  c.data.train_examples = 512
+  c.data.eval_examples = 256
+  c.log_every_steps = 2
+  c.eval_every_steps = 6
+  c.checkpoint.every_steps = checkpoint_every
+  c.schedule.warmup_steps = 2
+  return c
+
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 

@@ -1,6 +1,7 @@
 """What the experiment scripts share: timing a jitted function, FLOPs from XLA, tables."""
 import json
 import os
+import statistics
 import time
 from typing import Callable, Dict, List, Sequence
 
@@ -23,6 +24,25 @@ def throughput(fn: Callable, *args, batch: int, warmup: int = 2, iters: int = 10
     out = fn(*args)
   jax.block_until_ready(out)
   return batch * iters / (time.perf_counter() - start)
+
+
+def interleaved_throughput(fns: Dict[str, Callable], *args, batch: int, windows: int = 5,
+                           iters: int = 5, warmup: int = 2) -> Dict[str, Dict[str, float]]:
+  """Items/s of each `fns[name](*args)`, timed in interleaved windows (each window runs every
+  variant once, so drifts of a shared, noisy machine hit all alike): median and spread."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  samples: Dict[str, List[float]] = {name: [] for name in fns}
+  for _ in range(windows):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(iters):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      samples[name].append(batch * iters / (time.perf_counter() - start))
+  return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+          for name, v in samples.items()}
 
 
 def markdown_table(rows: List[Dict], columns: Sequence[str]) -> str:

@@ -3,7 +3,7 @@ import json
 import os
 
 from configs import quickstart
-from experiments import tome_accuracy, tome_benchmark
+from experiments import token_learners, tome_accuracy, tome_benchmark
 from vitoken.train import trainer
 
 
@@ -25,3 +25,20 @@ def test_tome_accuracy_evaluates_a_trained_run(tmp_path):
   assert [r["r"] for r in rows] == ["0", "4", "4@-1", "2/2"]
   assert all(r["examples"] == 256 for r in rows)
   assert rows[1]["FLOPs vs dense"] < 1 and os.path.exists(tmp_path / "out" / "tome_accuracy.png")
+
+
+def test_token_learners_trains_evaluates_and_times_every_variant(tmp_path):
+  token_learners.main(["--small", "--runs", "dense,tl8_loc2,lookup_multi", "--workroot",
+                       str(tmp_path / "runs"), "--batch", "8", "--windows", "2", "--iters", "1",
+                       "--out", str(tmp_path / "out")])
+  rows = json.load(open(tmp_path / "out" / "token_learners.json"))["rows"]
+  by_run = {}
+  for r in rows:
+    by_run.setdefault(r["run"], []).append(r)
+  assert sorted(by_run) == ["dense", "lookup_multi", "tl8_loc2"]
+  assert all(r["examples"] == 256 and r["img/s"] > 0 for r in rows)
+  # Token counts per block follow the config: S=8 from block 2; one LookupViT model at two grids.
+  assert by_run["tl8_loc2"][0]["tokens"] == "64>64>64>8>8>8>8"
+  assert [r["tokens"] for r in by_run["lookup_multi"]] == ["64>16>16>16>16>16>16", "64>4>4>4>4>4>4"]
+  assert by_run["tl8_loc2"][0]["FLOPs vs dense"] < 0.5
+  assert os.path.exists(tmp_path / "out" / "token_learners.png")

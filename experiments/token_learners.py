@@ -1,0 +1,200 @@
+"""Token learners against dense on cluttered digits: accuracy, GFLOPs and images/s.
+
+  python experiments/token_learners.py                        # trains every variant, ~1 h on 2 CPU cores
+  python experiments/token_learners.py --runs dense,tl8_loc2  # a subset
+  python experiments/token_learners.py --small                # seconds-long smoke version
+
+Trains each variant of `configs/token_learners.py` (64x64 images, 8x8 = 64 patch tokens, six
+blocks) in `--workroot/<run>` (finished runs are reused), then evaluates the full test split,
+counts FLOPs from XLA's cost analysis (2 per multiply-add) and times inference of every variant
+interleaved in the same process (median of several windows, with the min-max spread). One
+LookupViT model is also evaluated at a second compressed grid with the same parameters.
+Writes experiments/results/token_learners.{json,md,png}.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import token_learners as configs  # noqa: E402
+from experiments import common  # noqa: E402
+from vitoken import tasks  # noqa: E402
+from vitoken.data import pipeline  # noqa: E402
+from vitoken.train import checkpoint as ckpt_lib  # noqa: E402
+from vitoken.train import trainer  # noqa: E402
+
+# run name -> configs/token_learners.py argument
+RUNS = {
+    "dense": "method=dense",
+    "tl8_loc2": "method=learner,tokens=8,loc=2",
+    "tl8_loc4": "method=learner,tokens=8,loc=4",
+    "tl16_loc2": "method=learner,tokens=16,loc=2",
+    "tl16_loc4": "method=learner,tokens=16,loc=4",
+    "tl8_loc2_v1": "method=learner,tokens=8,loc=2,version=v1",
+    "fuser8_loc4": "method=fuser,tokens=8,loc=4",
+    "lookup4": "method=lookup,grid=4",
+    "lookup2": "method=lookup,grid=2",
+    "lookup_multi": "method=lookup,grid=4,grids=2/4",
+}
+
+
+class Eval(NamedTuple):
+  label: str
+  run: str
+  grid: Optional[int] = None  # evaluate a LookupViT run at another compressed grid
+
+
+EVALS = [
+    Eval("dense", "dense"),
+    Eval("TokenLearner S=8 before block 2", "tl8_loc2"),
+    Eval("TokenLearner S=8 before block 4", "tl8_loc4"),
+    Eval("TokenLearner S=16 before block 2", "tl16_loc2"),
+    Eval("TokenLearner S=16 before block 4", "tl16_loc4"),
+    Eval("TokenLearner v1 S=8 before block 2", "tl8_loc2_v1"),
+    Eval("TokenFuser S=8 from block 4", "fuser8_loc4"),
+    Eval("LookupViT 4x4 (trained 4x4)", "lookup4"),
+    Eval("LookupViT 2x2 (trained 2x2)", "lookup2"),
+    Eval("LookupViT 2x2 (trained 4x4)", "lookup4", grid=2),
+    Eval("LookupViT 4x4 (trained 2x2 and 4x4)", "lookup_multi"),
+    Eval("LookupViT 2x2 (trained 2x2 and 4x4)", "lookup_multi", grid=2),
+]
+
+
+def run_config(run: str, small: bool, steps: Optional[int]) -> ml_collections.ConfigDict:
+  c = configs.get_config(RUNS[run] + (",runlocal" if small else ""))
+  if steps:
+    c.total_steps = steps
+    c.eval_every_steps = c.checkpoint.every_steps = steps
+    c.schedule.warmup_steps = min(c.schedule.warmup_steps, steps // 10)
+  c.progress_bar = False
+  return c
+
+
+def train(run: str, workdir: str, small: bool, steps: Optional[int]) -> Dict:
+  """Trains (or resumes) one run; returns its summary (the saved one when it had finished)."""
+  summary = trainer.run(run_config(run, small, steps), workdir)
+  path = os.path.join(workdir, "summary.json")
+  if summary.get("steps_run", 0) == 0 and os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+  return summary
+
+
+def tokens_per_block(model, params, probe) -> str:
+  """Token counts entering each block and after the last ("65>65>9>9>9>9>9" style)."""
+  _, aux = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, probe)
+  blocks = aux["blocks"]
+  counts = [int(v.shape[1]) for _, v in sorted(blocks.items())]
+  return ">".join(str(c) for c in [int(probe.shape[1] // model.patch_size[0]) ** 2
+                                   + model.num_prefix] + counts)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workroot", default="/tmp/vitoken_token_learners")
+  p.add_argument("--runs", default=",".join(r for r in RUNS if r != "tl8_loc2_v1"),
+                 help="subset of: " + ",".join(RUNS))
+  p.add_argument("--steps", type=int, default=None, help="override every run's total_steps")
+  p.add_argument("--small", action="store_true", help="runlocal-sized runs (a smoke test)")
+  p.add_argument("--batch", type=int, default=256, help="batch of the timed inference")
+  p.add_argument("--windows", type=int, default=7)
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = p.parse_args(argv)
+  runs = [r for r in args.runs.split(",") if r]
+  unknown = sorted(set(runs) - set(RUNS))
+  if unknown:
+    raise SystemExit(f"unknown runs {unknown}; known: {sorted(RUNS)}")
+
+  summaries = {}
+  for run in runs:
+    print(f"== training {run}: {RUNS[run]}", flush=True)
+    summaries[run] = train(run, os.path.join(args.workroot, run), args.small, args.steps)
+
+  rows: List[Dict] = []
+  predicts: Dict[str, callable] = {}
+  probe = None
+  for ev in (e for e in EVALS if e.run in runs):
+    workdir = os.path.join(args.workroot, ev.run)
+    config = ckpt_lib.load_run_config(workdir)
+    info = pipeline.dataset_info(config.data)
+    overrides = {}
+    if ev.grid is not None:
+      overrides = {"token_reduction": dict(config.model.token_reduction.to_dict(), grid=ev.grid)}
+    model = tasks.vit_from_config(config.model, info, overrides=overrides)
+    params = jax.tree.map(jnp.asarray, ckpt_lib.load_params(workdir))
+    predict = jax.jit(lambda x, m=model, p=params: m.apply({"params": p}, x)[0])
+    correct = total = 0
+    for batch in pipeline.eval_iterator(config.data, global_batch_size=250):
+      pred = np.asarray(predict(batch["image"]).argmax(-1))
+      correct += int(((pred == batch["labels"]) & batch["mask"]).sum())
+      total += int(batch["mask"].sum())
+    probe = jnp.zeros((args.batch, *info.image_shape), jnp.float32)
+    summary = summaries.get(ev.run, {})
+    rows.append({"variant": ev.label, "run": ev.run, "config": RUNS[ev.run]
+                 + ("" if ev.grid is None else f" (evaluated at grid={ev.grid})"),
+                 "tokens": tokens_per_block(model, params, probe),
+                 "GFLOPs/img": common.flops(predict, probe) / args.batch / 1e9,
+                 "accuracy": correct / total, "examples": total,
+                 "train_s": summary.get("wall_time_s"), "train_steps": summary.get("final_step")})
+    predicts[ev.label] = predict
+    print(rows[-1], flush=True)
+
+  speed = common.interleaved_throughput(predicts, probe, batch=args.batch, windows=args.windows,
+                                        iters=args.iters)
+  dense = next((r for r in rows if r["run"] == "dense"), rows[0])
+  dense_speed = speed[dense["variant"]]["median"]
+  for row in rows:
+    s = speed[row["variant"]]
+    row.update({"img/s": s["median"], "img/s min": s["min"], "img/s max": s["max"],
+                "x dense img/s": s["median"] / dense_speed,
+                "FLOPs vs dense": row["GFLOPs/img"] / dense["GFLOPs/img"],
+                "Δ acc (points)": 100 * (row["accuracy"] - dense["accuracy"])})
+    row["img/s (min-max)"] = f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
+  columns = ["variant", "tokens", "GFLOPs/img", "FLOPs vs dense", "img/s (min-max)",
+             "x dense img/s", "accuracy", "Δ acc (points)"]
+  table = common.markdown_table(rows, columns)
+  print(table)
+  meta = {"device": common.device_name(), "workroot": os.path.abspath(args.workroot),
+          "small": args.small, "steps": args.steps, "timed_batch": args.batch,
+          "windows": args.windows, "iters_per_window": args.iters,
+          "flops": "XLA cost analysis of the jitted inference, 2 per multiply-add",
+          "model": run_config("dense", args.small, args.steps).model.to_dict(), "jax": jax.__version__}
+  common.write_results(args.out, "token_learners", rows, table, meta)
+  _plot(rows, os.path.join(args.out, "token_learners.png"))
+
+
+MARKERS = {"dense": "s", "tl": "o", "fuser": "^", "lookup": "D"}
+
+
+def _plot(rows, path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, label in ((axes[0], "GFLOPs/img", "GFLOPs / image (XLA, 2 per MAC)"),
+                         (axes[1], "img/s", "images / s (inference, median)")):
+    for row in rows:
+      family = next(k for k in MARKERS if row["run"].startswith(k))
+      marker = MARKERS[family]
+      ax.plot(row[key], 100 * row["accuracy"], marker, markersize=6)
+      ax.annotate(row["variant"].replace("TokenLearner", "TL").replace("LookupViT", "LV"),
+                  (row[key], 100 * row["accuracy"]), fontsize=6, textcoords="offset points",
+                  xytext=(3, 3))
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+  fig.suptitle("Token learners vs dense ViT on cluttered digits (64 patch tokens, 6 blocks)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()

@@ -198,24 +198,26 @@ class LookupViT(base.Reducer):
     for g in self.train_grids:
       check_grid(g, (h, w), "train_grids entry")
     grids = self.train_grids if (train and self.train_grids) else (self.grid,)
-    b = lookup.shape[0]
-    if len(grids) == 1:
-      r = jnp.asarray(resize_matrix((h, w), tuple(grids[0])))
-      compressed = jnp.einsum("mn,bnc->bmc", r.astype(lookup.dtype), lookup)
-      return state.combine(jnp.broadcast_to(r, (b,) + r.shape), compressed), lookup
-    # Several training grids in one program: every grid's tokens are padded to the largest and
-    # the padding is masked (attention keys, the reverse softmax, pooling), which computes
-    # exactly what that grid alone would. One grid is drawn per step.
     mats = [resize_matrix((h, w), tuple(g)) for g in grids]
-    m_max = max(m.shape[0] for m in mats)
-    stacked = jnp.asarray(np.stack([np.pad(m, ((0, m_max - m.shape[0]), (0, 0))) for m in mats]))
-    counts = jnp.asarray([m.shape[0] for m in mats], jnp.int32)
-    pick = jax.random.randint(self.make_rng(RNG_STREAM), (), 0, len(grids))
-    r = stacked[pick]
+    mask = None
+    if len(mats) == 1:
+      r = jnp.asarray(mats[0])
+    else:
+      # Several training grids in one program: every grid's tokens are padded to the largest
+      # and the padding is masked (attention keys, the reverse softmax, pooling), which
+      # computes exactly what that grid alone would. One grid is drawn per step.
+      m_max = max(m.shape[0] for m in mats)
+      stacked = np.stack([np.pad(m, ((0, m_max - m.shape[0]), (0, 0))) for m in mats])
+      pick = jax.random.randint(self.make_rng(RNG_STREAM), (), 0, len(mats))
+      r = jnp.asarray(stacked)[pick]
+      counts = jnp.asarray([m.shape[0] for m in mats], jnp.int32)
+      mask = jnp.concatenate([jnp.ones((state.num_prefix,), bool), jnp.arange(m_max) < counts[pick]])
+    b = lookup.shape[0]
     compressed = jnp.einsum("mn,bnc->bmc", r.astype(lookup.dtype), lookup)
     state = state.combine(jnp.broadcast_to(r, (b,) + r.shape), compressed)
-    valid = jnp.concatenate([jnp.ones((state.num_prefix,), bool), jnp.arange(m_max) < counts[pick]])
-    return state.replace(mask=jnp.broadcast_to(valid, (b, valid.shape[0]))), lookup
+    if mask is not None:
+      state = state.replace(mask=jnp.broadcast_to(mask, (b, mask.shape[0])))
+    return state, lookup
 
   def _gather(self, state: base.TokenState, train: bool):
     ctx = self._ctx()
@@ -223,10 +225,8 @@ class LookupViT(base.Reducer):
       state, lookup = self._compress(state, train)
       state = state.put(self.name, "lookup", lookup)
     lookup = state.get(self.name, "lookup")
-    norm = lambda name: nn.LayerNorm(ctx.layer_norm_eps, dtype=ctx.dtype,
-                                     param_dtype=ctx.param_dtype, name=name)
-    update, logits = self._cross().gather(norm("norm_compressed")(state.x),
-                                          norm("norm_lookup")(lookup))
+    update, logits = self._cross().gather(ctx.layer_norm(name="norm_compressed")(state.x),
+                                          ctx.layer_norm(name="norm_lookup")(lookup))
     state = state.replace(x=state.x + update.astype(state.x.dtype))
     if not self.last:
       state = state.put(self.name, "logits", logits)
@@ -243,12 +243,11 @@ class LookupViT(base.Reducer):
       return state, {}
     ctx = self._ctx()
     logits, state = state.pop(self.name, "logits")
-    norm = lambda name: nn.LayerNorm(ctx.layer_norm_eps, dtype=ctx.dtype,
-                                     param_dtype=ctx.param_dtype, name=name)
-    lookup = lookup + self._cross().scatter(norm("norm_back")(state.x), logits,
+    lookup = lookup + self._cross().scatter(ctx.layer_norm(name="norm_back")(state.x), logits,
                                            state.mask).astype(lookup.dtype)
     hidden = max(1, int(round(self.mlp_ratio * ctx.width)))
     lookup = lookup + layers_lib.MlpBlock(hidden, 0.0, ctx.gelu_approximate, ctx.dtype,
                                           ctx.param_dtype, name="mlp")(
-                                              norm("norm_mlp")(lookup), deterministic=True)
+                                              ctx.layer_norm(name="norm_mlp")(lookup),
+                                              deterministic=True)
     return state.put(self.name, "lookup", lookup), {}

@@ -266,13 +266,20 @@ def test_grid_equal_to_patch_grid_with_silent_gather_is_the_dense_vit():
 # ---- 3. the cross-attention module -----------------------------------------------------------
 
 
-def test_bidirectional_cross_attention_shares_its_logits():
-  b, m, n, c, h = 2, 5, 11, 12, 3
+def _cross_attention(b, m, n, c, h, seed, **randomise_kw):
+  """A BidirectionalCrossAttention, random compressed/lookup tokens and randomised params."""
   mod = lookup.BidirectionalCrossAttention(c, h)
-  rng = np.random.default_rng(5)
+  rng = np.random.default_rng(seed)
   comp = jnp.asarray(rng.standard_normal((b, m, c)), jnp.float32)
   look = jnp.asarray(rng.standard_normal((b, n, c)), jnp.float32)
-  params = randomise(mod.init(jax.random.key(1), comp, look)["params"], seed=6, scale=0.3)
+  params = randomise(mod.init(jax.random.key(1), comp, look)["params"], seed=seed + 1,
+                     **randomise_kw)
+  return mod, rng, comp, look, params
+
+
+def test_bidirectional_cross_attention_shares_its_logits():
+  b, m, n, c, h = 2, 5, 11, 12, 3
+  mod, rng, comp, look, params = _cross_attention(b, m, n, c, h, seed=5, scale=0.3)
   assert set(params) == {"q", "k", "v", "out", "v_back", "out_back"}  # no second q/k
   up_p, up_l, a = mod.apply({"params": params}, comp, look)
   assert a.shape == (b, h, m, n) and up_p.shape == (b, m, c) and up_l.shape == (b, n, c)
@@ -296,11 +303,7 @@ def test_bidirectional_cross_attention_shares_its_logits():
 
 def test_masked_scatter_equals_scatter_over_the_kept_compressed_tokens():
   b, m, n, c, h = 2, 6, 9, 8, 2
-  mod = lookup.BidirectionalCrossAttention(c, h)
-  rng = np.random.default_rng(7)
-  comp = jnp.asarray(rng.standard_normal((b, m, c)), jnp.float32)
-  look = jnp.asarray(rng.standard_normal((b, n, c)), jnp.float32)
-  params = randomise(mod.init(jax.random.key(1), comp, look)["params"], seed=8)
+  mod, rng, comp, _, params = _cross_attention(b, m, n, c, h, seed=7)
   a = jnp.asarray(rng.standard_normal((b, h, m, n)), jnp.float32)
   keep = np.array([True, False, True, True, False, True])
   mask = jnp.asarray(np.broadcast_to(keep, (b, m)))

@@ -95,21 +95,27 @@ def ref_fuser(p, y, original, use_normalization):
 
 
 # ---- helpers ----
-def random_params(module, seed, *args):
-  """Params of the module's structure drawn in numpy: LayerNorm scales off 1, biases off 0,
-  kernels (the fuser's zero-initialised one too) at about their init scale."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+def _draw(shapes, seed, spread, gain):
+  """A params tree of `shapes` drawn in numpy: LayerNorm scales off 1, biases (and position
+  embeddings, class/register tokens) off 0, kernels at about `gain` times their init scale."""
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
     z = rng.standard_normal(leaf.shape).astype(np.float32)
     name = path[-1].key
     if name == "scale":
-      return 1.0 + 0.3 * z
-    if name == "bias":
-      return 0.3 * z
-    return 1.5 * z / np.sqrt(np.prod(leaf.shape[:-1]))
+      return 1.0 + spread * z
+    if name in ("bias", "pos_embedding", "cls", "registers"):
+      return spread * z
+    return gain * z / np.sqrt(np.prod(leaf.shape[:-1]))
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def random_params(module, seed, *args):
+  """Params of the module's structure, every leaf non-trivial (the fuser's zero-initialised
+  kernel too)."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+  return _draw(shapes, seed, spread=0.3, gain=1.5)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "kw"))
@@ -313,19 +319,9 @@ def _model(mode, loc, version="v1.1", pool_type="gap", class_token=None, num_reg
 
 def _params(model, seed=0, images=IMAGES):
   """Random parameters of the model's structure, drawn in numpy (compiling the ViT's init is
-  slow on CPU): every leaf non-trivial, the fuser's zero-initialised kernel included."""
+  slow on CPU)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    z = rng.standard_normal(leaf.shape).astype(np.float32)
-    name = path[-1].key
-    if name == "scale":
-      return 1.0 + 0.2 * z
-    if name in ("bias", "pos_embedding", "cls", "registers"):
-      return 0.2 * z
-    return 1.2 * z / np.sqrt(np.prod(leaf.shape[:-1]))
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return _draw(shapes, seed, spread=0.2, gain=1.2)
 
 
 def _runner(model, train=False):

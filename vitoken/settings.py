@@ -28,6 +28,14 @@ def plain(value, *, sequences=tuple):
   return value
 
 
+def is_count(value, minimum: int = 1) -> bool:
+  """True for a whole number >= `minimum` (an int or an integral float; never a bool)."""
+  try:
+    return not isinstance(value, bool) and int(value) == value and value >= minimum
+  except (TypeError, ValueError):
+    return False
+
+
 def as_dict(value, section: str) -> Dict[str, Any]:
   """A section (None, ConfigDict or mapping) as a plain dict; anything else is an error."""
   if value is None:

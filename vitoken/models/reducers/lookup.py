@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitoken import settings as settings_lib
 from vitoken.models import layers as layers_lib
 from vitoken.models.reducers import base
 
@@ -51,7 +52,7 @@ def parse_grid(grid: Any, what: str = "grid") -> Tuple[int, int]:
   if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
     grid = (int(grid), int(grid))
   if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-      or any(isinstance(g, bool) or int(g) != g or g < 1 for g in grid)):
+      or not all(settings_lib.is_count(g) for g in grid)):
     raise ValueError(f"lookup {what} must be a positive int or a pair (rows, cols), got {grid!r}")
   return (int(grid[0]), int(grid[1]))
 

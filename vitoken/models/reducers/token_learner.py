@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitoken import settings as settings_lib
 from vitoken.models.reducers import base
 
 LN_EPS = 1e-6  # flax's default, which scenic uses for every LayerNorm here
@@ -190,16 +191,16 @@ class TokenLearner(base.Reducer):
     if loc is None:
       raise ValueError("token_learner needs `loc`, the block before which the learner runs "
                        f"(0..{depth - 1}; scenic's ImageNet setting uses 2/3 of the depth, 9 of 12)")
-    if isinstance(loc, bool) or int(loc) != loc or not 0 <= loc < depth:
+    if not settings_lib.is_count(loc, 0) or loc >= depth:
       raise ValueError(f"token_learner loc={loc!r} is outside the ViT's {depth} blocks "
                        f"(0..{depth - 1})")
-    if isinstance(num_tokens, bool) or int(num_tokens) != num_tokens or num_tokens < 1:
+    if not settings_lib.is_count(num_tokens):
       raise ValueError(f"token_learner num_tokens must be a positive integer, got {num_tokens!r}")
     if version not in VERSIONS:
       raise ValueError(f"token_learner version must be one of {VERSIONS}, got {version!r}")
     if mode not in MODES:
       raise ValueError(f"token_learner mode must be one of {MODES}, got {mode!r}")
-    if isinstance(bottleneck_dim, bool) or int(bottleneck_dim) != bottleneck_dim or bottleneck_dim < 1:
+    if not settings_lib.is_count(bottleneck_dim):
       raise ValueError(f"token_learner bottleneck_dim must be a positive integer, got "
                        f"{bottleneck_dim!r}")
     if not 0.0 <= dropout_rate < 1.0:
@@ -256,17 +257,17 @@ class TokenLearner(base.Reducer):
     share = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-12)
     new = state.combine(share, tokens.astype(state.x.dtype))
     if self.mode == "fuser":
-      entry = {"x": state.x, "size": state.size, "ids": state.ids,
+      # The N tokens entering the block (every per-token field and carry), restored after it.
+      entry = {"fields": state.per_token_fields(),
                "carry": {k: state.carry[k] for k, _ in state.per_token}}
-      if state.source is not None:
-        entry["source"] = state.source
       new = new.put(self.name, "entry", entry)
     return new, {"weights": weights}
 
   def _fuse(self, state: base.TokenState, train: bool):
     entry, state = state.pop(self.name, "entry")
     p = state.num_prefix
-    residual = entry["x"][:, p:]
+    fields = entry["fields"]
+    residual = fields["x"][:, p:]
     fused = TokenFuser(self.fuser_normalization, self.bottleneck_dim, self.dropout_rate,
                        *self._dtypes(), name="fuser")(
                            state.x[:, p:], residual, deterministic=not train)
@@ -274,7 +275,6 @@ class TokenLearner(base.Reducer):
     per_token = dict(state.per_token)
     carry = {k: v for k, v in state.carry.items() if k not in per_token}
     carry.update(entry["carry"])
-    return state.replace(x=x, size=entry["size"], ids=entry["ids"], source=entry.get("source"),
-                         carry=carry,
+    return state.replace(**{**fields, "x": x}, carry=carry,
                          per_token=tuple((k, m) for k, m in state.per_token if k in entry["carry"])
                          ), {}

@@ -30,6 +30,12 @@ def _masked_logits(logits, bias, key_mask):
 POLICY_EPS = 1e-6  # DynamicViT's softmax_with_policy eps
 
 
+def attention_logits(q, k):
+  """q [B, Nq, H, D], k [B, Nk, H, D] -> q k^T / sqrt(D) as [B, H, Nq, Nk], in float32."""
+  scale = q.shape[-1] ** -0.5
+  return jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+
+
 def attention_probs(q, k, *, bias=None, key_mask=None, policy=None, query_offset: int = 0):
   """Explicit softmax(q k^T / sqrt(d) + bias) in float32: [B, H, Nq, Nk].
 
@@ -37,9 +43,7 @@ def attention_probs(q, k, *, bias=None, key_mask=None, policy=None, query_offset
   softmax_with_policy: exp(logit - max) times the key's weight, where every query keeps full
   weight on itself (query i is key i + query_offset), then (a + eps/Nk) / (sum a + eps).
   """
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-  logits = _masked_logits(logits, bias, key_mask)
+  logits = _masked_logits(attention_logits(q, k), bias, key_mask)
   if policy is None:
     return jax.nn.softmax(logits, axis=-1)
   nq, nk = logits.shape[-2:]

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import settings as settings_lib
+from vitoken.models import attention as attention_lib
 from vitoken.models import layers as layers_lib
 from vitoken.models.reducers import base
 
@@ -101,9 +102,7 @@ class BidirectionalCrossAttention(nn.Module):
 
   def logits(self, compressed, lookup):
     """[B, H, M, N] = q(compressed) . k(lookup) / sqrt(head_dim), in float32."""
-    q, k = self.q(compressed), self.k(lookup)
-    scale = q.shape[-1] ** -0.5
-    return jnp.einsum("bmhd,bnhd->bhmn", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    return attention_lib.attention_logits(self.q(compressed), self.k(lookup))
 
   def gather(self, compressed, lookup):
     """Lookup -> compressed: (update of the M compressed tokens [B, M, C], logits)."""

@@ -16,14 +16,9 @@ def flops(jitted: Callable, *args) -> float:
 
 
 def throughput(fn: Callable, *args, batch: int, warmup: int = 2, iters: int = 10) -> float:
-  """Items per second of `fn(*args)` after warm-up; waits for the device each time."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(iters):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return batch * iters / (time.perf_counter() - start)
+  """Items per second of `fn(*args)` after warm-up (one timed window; waits for the device)."""
+  return interleaved_throughput({"fn": fn}, *args, batch=batch, windows=1, iters=iters,
+                                warmup=warmup)["fn"]["median"]
 
 
 def interleaved_throughput(fns: Dict[str, Callable], *args, batch: int, windows: int = 5,

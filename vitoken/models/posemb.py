@@ -48,3 +48,22 @@ def resize_posemb(posemb, old_grid: Tuple[int, int], new_grid: Tuple[int, int], 
                             antialias=True)
   grid = grid.reshape((1, new_grid[0] * new_grid[1], -1)).astype(posemb.dtype)
   return jnp.concatenate([prefix, grid], axis=1)
+
+
+def sincos_2d_mae(grid: Tuple[int, int], width: int, dtype=jnp.float32):
+  """MAE's fixed embedding (facebookresearch/mae `get_2d_sincos_pos_embed`): [1, h*w, width].
+
+  Same layout as `sincos_2d` (sin/cos of the column, then of the row) but the frequencies are
+  10000^(-i / (width/4)) for i < width/4, where big_vision divides by width/4 - 1; computed in
+  float64 as the reference's numpy code does, then cast.
+  """
+  h, w = grid
+  if width % 4:
+    raise ValueError(f"MAE sin-cos position embeddings need a width divisible by 4, got {width}")
+  quarter = width // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.mgrid[:h, :w].astype(np.float64)
+  col = np.einsum("m,d->md", cols.reshape(-1), omega)
+  row = np.einsum("m,d->md", rows.reshape(-1), omega)
+  pe = np.concatenate([np.sin(col), np.cos(col), np.sin(row), np.cos(row)], axis=1)
+  return jnp.asarray(pe, dtype)[None]

@@ -17,7 +17,7 @@ from vitoken.models import layers, posemb as posemb_lib, variants
 from vitoken.models.reducers import base as rbase
 
 POOL_TYPES = ("tok", "gap", "map", "none")
-POSEMB_TYPES = ("learn", "sincos2d", "none")
+POSEMB_TYPES = ("learn", "sincos2d", "sincos2d_mae", "none")
 
 
 def stochastic_depth_rates(rate: float, depth: int):
@@ -195,7 +195,7 @@ class VisionTransformer(nn.Module):
   mlp_dim: Optional[int] = None  # default 4 * width
   num_heads: int = 12
   channels: int = 3
-  posemb: str = "learn"  # "learn" | "sincos2d" | "none"
+  posemb: str = "learn"  # "learn" | "sincos2d" (big_vision's) | "sincos2d_mae" (MAE's) | "none"
   posemb_prefix: bool = False  # class/register tokens have positions too (timm's classic ViT)
   pool_type: str = "tok"  # "tok" (class token) | "gap" | "map" | "none" (all tokens)
   class_token: Optional[bool] = None  # default: pool_type == "tok"
@@ -343,8 +343,9 @@ class VisionTransformer(nn.Module):
               "take image_size=...)")
       pos = self.param("pos_embedding", nn.initializers.normal(self.width ** -0.5), expected,
                        self.param_dtype).astype(dtype)
-    elif self.posemb == "sincos2d":
-      pos = posemb_lib.sincos_2d(grid, self.width, dtype=dtype)
+    elif self.posemb in ("sincos2d", "sincos2d_mae"):
+      table = posemb_lib.sincos_2d if self.posemb == "sincos2d" else posemb_lib.sincos_2d_mae
+      pos = table(grid, self.width, dtype=dtype)
       if self.posemb_prefix:
         pos = jnp.concatenate([jnp.zeros((1, self.num_prefix, self.width), dtype), pos], axis=1)
     else:

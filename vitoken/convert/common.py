@@ -50,14 +50,19 @@ def finalize(module: vit.VisionTransformer, params: Dict[str, Any], image_size: 
                  "initialisers: %s", ", ".join(fresh))
     have.update({k: want[k] for k in fresh})
     tree = traverse_util.unflatten_dict(tree, sep="/")
+  check_shapes(want, have)
+  dtype = module.param_dtype
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+def check_shapes(want: Dict[str, Tuple[int, ...]], have: Dict[str, Tuple[int, ...]]):
+  """Every param path and shape of the model's init ({path: shape}) against the converted."""
   problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(have))]
   problems += [f"unexpected {k} {have[k]}" for k in sorted(set(have) - set(want))]
   problems += [f"{k}: checkpoint {have[k]} vs model {want[k]}"
                for k in sorted(set(want) & set(have)) if want[k] != have[k]]
   if problems:
     raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
-  dtype = module.param_dtype
-  return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
 
 
 def reducer_scopes(module: vit.VisionTransformer) -> Tuple[str, ...]:

@@ -76,69 +76,85 @@ def _infer_architecture(sd: Dict[str, np.ndarray], facts: Dict[str, Any]) -> Dic
   return arch
 
 
+class StateDictReader:
+  """Moves torch-layout weights into vitoken param paths, remembering which keys it used."""
+
+  def __init__(self, sd: Dict[str, np.ndarray]):
+    self.sd, self.used, self.out = sd, set(), {}
+
+  def take(self, key):
+    self.used.add(key)
+    return self.sd[key]
+
+  def linear(self, dst, src, kernel_shape=None, bias_shape=None):
+    w = self.take(src + ".weight").T
+    self.out[dst + "/kernel"] = w.reshape(kernel_shape) if kernel_shape else w
+    if src + ".bias" in self.sd:
+      b = self.take(src + ".bias")
+      self.out[dst + "/bias"] = b.reshape(bias_shape) if bias_shape else b
+
+  def norm(self, dst, src):
+    self.out[dst + "/scale"], self.out[dst + "/bias"] = self.take(src + ".weight"), self.take(src + ".bias")
+
+  def block(self, dst, src, width: int, heads: int):
+    """One timm pre-norm `Block` (`src` like "blocks.3.") into vitoken's (`dst` "block_03/")."""
+    d = width // heads
+    self.norm(dst + "norm1", src + "norm1")
+    self.norm(dst + "norm2", src + "norm2")
+    self.linear(dst + "attn/qkv", src + "attn.qkv", (width, 3, heads, d), (3, heads, d))
+    self.linear(dst + "attn/out", src + "attn.proj", (heads, d, width))
+    self.linear(dst + "mlp/fc1", src + "mlp.fc1")
+    self.linear(dst + "mlp/fc2", src + "mlp.fc2")
+    for ls in ("ls1", "ls2"):
+      if src + ls + ".gamma" in self.sd:
+        self.out[dst + ls + "/gamma"] = self.take(src + ls + ".gamma")
+
+  def patch_embedding(self, dst="embedding", src="patch_embed.proj"):
+    self.out[dst + "/kernel"] = self.take(src + ".weight").transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if src + ".bias" in self.sd:
+      self.out[dst + "/bias"] = self.take(src + ".bias")
+
+  def check_all_used(self, what: str):
+    left = sorted(set(self.sd) - self.used)
+    if left:
+      raise ValueError(f"{what} weights vitoken cannot place (unsupported architecture?): {left[:10]}"
+                       + (f" and {len(left) - 10} more" if len(left) > 10 else ""))
+
+
 def _convert(sd: Dict[str, np.ndarray], arch: Dict[str, Any]) -> Dict[str, np.ndarray]:
   c, h = arch["width"], arch["num_heads"]
   d = c // h
-  out: Dict[str, np.ndarray] = {}
-  used = set()
-
-  def take(key):
-    used.add(key)
-    return sd[key]
-
-  def linear(dst, src, kernel_shape=None, bias_shape=None):
-    w = take(src + ".weight").T
-    out[dst + "/kernel"] = w.reshape(kernel_shape) if kernel_shape else w
-    if src + ".bias" in sd:
-      b = take(src + ".bias")
-      out[dst + "/bias"] = b.reshape(bias_shape) if bias_shape else b
-
-  def norm(dst, src):
-    out[dst + "/scale"], out[dst + "/bias"] = take(src + ".weight"), take(src + ".bias")
-
-  out["embedding/kernel"] = take("patch_embed.proj.weight").transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if "patch_embed.proj.bias" in sd:
-    out["embedding/bias"] = take("patch_embed.proj.bias")
+  r = StateDictReader(sd)
+  out = r.out
+  r.patch_embedding()
   if "cls_token" in sd:
-    out["cls"] = take("cls_token")
+    out["cls"] = r.take("cls_token")
   if "reg_token" in sd:
-    out["registers"] = take("reg_token")
+    out["registers"] = r.take("reg_token")
   if "pos_embed" in sd:
-    out["pos_embedding"] = take("pos_embed")
+    out["pos_embedding"] = r.take("pos_embed")
   if arch["pre_norm"]:
-    norm("norm_pre", "norm_pre")
+    r.norm("norm_pre", "norm_pre")
   for i in range(arch["depth"]):
-    s, t = f"blocks.{i}.", f"block_{i:02d}/"
-    norm(t + "norm1", s + "norm1")
-    norm(t + "norm2", s + "norm2")
-    linear(t + "attn/qkv", s + "attn.qkv", (c, 3, h, d), (3, h, d))
-    linear(t + "attn/out", s + "attn.proj", (h, d, c))
-    linear(t + "mlp/fc1", s + "mlp.fc1")
-    linear(t + "mlp/fc2", s + "mlp.fc2")
-    for ls in ("ls1", "ls2"):
-      if s + ls + ".gamma" in sd:
-        out[t + ls + "/gamma"] = take(s + ls + ".gamma")
+    r.block(f"block_{i:02d}/", f"blocks.{i}.", c, h)
   if "norm.weight" in sd:
-    norm("encoder_norm", "norm")
+    r.norm("encoder_norm", "norm")
   if "fc_norm.weight" in sd:
-    norm("fc_norm", "fc_norm")
+    r.norm("fc_norm", "fc_norm")
   if "attn_pool.latent" in sd:
-    latent = take("attn_pool.latent")
+    latent = r.take("attn_pool.latent")
     if latent.shape[1] != 1:
       raise ValueError(f"attention pooling with {latent.shape[1]} latents is not supported (only 1)")
     out["map_head/probe"] = latent
-    linear("map_head/q", "attn_pool.q", (c, h, d), (h, d))
-    linear("map_head/kv", "attn_pool.kv", (c, 2, h, d), (2, h, d))
-    linear("map_head/out", "attn_pool.proj", (h, d, c))
-    norm("map_head/norm", "attn_pool.norm")
-    linear("map_head/mlp/fc1", "attn_pool.mlp.fc1")
-    linear("map_head/mlp/fc2", "attn_pool.mlp.fc2")
+    r.linear("map_head/q", "attn_pool.q", (c, h, d), (h, d))
+    r.linear("map_head/kv", "attn_pool.kv", (c, 2, h, d), (2, h, d))
+    r.linear("map_head/out", "attn_pool.proj", (h, d, c))
+    r.norm("map_head/norm", "attn_pool.norm")
+    r.linear("map_head/mlp/fc1", "attn_pool.mlp.fc1")
+    r.linear("map_head/mlp/fc2", "attn_pool.mlp.fc2")
   if "head.weight" in sd:
-    linear("head", "head")
-  left = sorted(set(sd) - used)
-  if left:
-    raise ValueError(f"timm weights vitoken cannot place (unsupported architecture?): {left[:10]}"
-                     + (f" and {len(left) - 10} more" if len(left) > 10 else ""))
+    r.linear("head", "head")
+  r.check_all_used("timm")
   return out
 
 

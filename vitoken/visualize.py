@@ -1,4 +1,6 @@
-"""Pictures of what token reduction did: which patches ended up in the same token."""
+"""Pictures of what token reduction did (which patches ended up in the same token) and of
+masked-modeling reconstructions."""
+import io
 from typing import Sequence
 
 import numpy as np
@@ -60,3 +62,38 @@ def save_merge_png(path: str, image, source, *, num_prefix: int, grid: Sequence[
     pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
   pic.save(path)
   return path
+
+
+def reconstruction_grid(original, masked, reconstruction, pixel_mask, *, gap: int = 2) -> np.ndarray:
+  """uint8 [rows, cols, 3] picture: one row per example of (original, masked input,
+  reconstruction, reconstruction with the visible patches pasted back, as MAE's demo shows).
+  All [B, H, W, C] in the model's input scale; pixel_mask [B, H, W, C] is 1 where a patch was
+  masked, shown grey in the second column. Each row is scaled to [0, 1] by its original's
+  range, so the columns share one colour scale."""
+  original, masked = np.asarray(original, np.float32), np.asarray(masked, np.float32)
+  reconstruction, pixel_mask = np.asarray(reconstruction, np.float32), np.asarray(pixel_mask, np.float32)
+  if not original.shape == masked.shape == reconstruction.shape == pixel_mask.shape or original.ndim != 4:
+    raise ValueError("reconstruction_grid needs four [B, H, W, C] arrays of one shape, got "
+                     f"{[a.shape for a in (original, masked, reconstruction, pixel_mask)]}")
+  rows = []
+  for orig, mask, rec in zip(original, pixel_mask, reconstruction):
+    lo, hi = float(orig.min()), float(orig.max())
+    scale = lambda a: np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)  # noqa: E731
+    cells = [scale(orig), np.where(mask > 0, 0.5, scale(orig)), scale(rec),
+             scale(np.where(mask > 0, rec, orig))]
+    cells = [np.repeat(c, 3, axis=-1) if c.shape[-1] == 1 else c[..., :3] for c in cells]
+    sep = np.ones((orig.shape[0], gap, 3), np.float32)
+    rows.append(np.concatenate([part for c in cells for part in (c, sep)][:-1], axis=1))
+  sep = np.ones((gap, rows[0].shape[1], 3), np.float32)
+  picture = np.concatenate([part for row in rows for part in (row, sep)][:-1], axis=0)
+  return (picture * 255).round().astype(np.uint8)
+
+
+def png_bytes(picture: np.ndarray, *, scale: int = 1) -> bytes:
+  """A uint8 [H, W, 3] picture as PNG bytes (nearest-neighbour upscaled by `scale`)."""
+  pic = Image.fromarray(np.asarray(picture, np.uint8))
+  if scale > 1:
+    pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+  buffer = io.BytesIO()
+  pic.save(buffer, format="PNG")
+  return buffer.getvalue()

@@ -20,7 +20,9 @@ Hooks (defaults in brackets):
   pipeline after the task-independent preprocessing (train and eval), so extra fields (masks,
   target codes) are a pure function of the data position and survive a resume exactly;
 - `frozen_params()`: arrays the step reads but never trains (a teacher's params) [{}];
-- `layer_decay_groups()` / `sharding_rules()`: for parameters the task adds [the model's].
+- `layer_decay_groups()` / `sharding_rules()`: for parameters the task adds [the model's];
+- `previews`, `preview(params, batch)` and `write_preview(arrays, workdir, step)`: a picture
+  the trainer writes at every evaluation from the first eval batch (reconstructions) [none].
 """
 from __future__ import annotations
 
@@ -134,6 +136,16 @@ class Task:
 
   def frozen_params(self) -> Dict[str, Any]:
     return {}
+
+  # ---- pictures at evaluation -------------------------------------------------------------
+  previews: bool = False
+
+  def preview(self, params, batch) -> Dict[str, jax.Array]:
+    """Arrays (jit-compiled, replicated) that `write_preview` turns into files."""
+    raise NotImplementedError
+
+  def write_preview(self, arrays: Dict[str, np.ndarray], workdir: str, step: int) -> None:
+    raise NotImplementedError
 
   # ---- objective and metrics --------------------------------------------------------------
   def apply(self, params, batch, rng, *, train: bool, step=None, progress=None, model=None):

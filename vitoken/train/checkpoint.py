@@ -255,6 +255,17 @@ def load_params(path, *, image_size=None, channels: int = 3):
   return jax.tree.map(np.asarray, restored["params"])
 
 
+def subtree(params, path: str, source=""):
+  """`params` below a '/'-path ("" or None: all of them), naming what exists on a miss."""
+  for part in [p for p in (path or "").split("/") if p]:
+    if not hasattr(params, "keys") or part not in params:
+      have = sorted(params) if hasattr(params, "keys") else type(params).__name__
+      raise ValueError(f"init_from.subtree {path!r}: no {part!r} in the params of {source} "
+                       f"(it has {have})")
+    params = params[part]
+  return params
+
+
 def _read_npz(path):
   """A local `.npz` path as is (the converter reads it); one in a bucket read into a dict."""
   source = paths.resolve(path)

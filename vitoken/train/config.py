@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict({
       "path": "",  # another run's workdir or checkpoint, or a big_vision .npz
       "exclude": "",  # regex of param paths kept from the fresh init, e.g. "^head/"
+      # a '/'-path into the loaded params to start from, e.g. "encoder" for the encoder of a
+      # masked-modeling (MAE, SimMIM) pretraining run
+      "subtree": "",
       "posemb_resize": "bilinear",
   })
   c.distributed = ml_collections.ConfigDict({

@@ -60,6 +60,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
       # Placeholders (None, typed) so command-line overrides like `clip_grad_norm=1.0` work.
       clip_grad_norm=config_dict.placeholder(float),  # None or max global norm of raw grads
       layer_decay=config_dict.placeholder(float),  # None or in (0, 1]: BEiT-style layer lr decay
+      # None, or a regex searched in '/'-joined param paths: only matching params are updated
+      # (a linear probe trains "^head/"); the others stay exactly as initialised or loaded.
+      trainable_regex=config_dict.placeholder(str),
   ))
 
 
@@ -162,15 +165,33 @@ def _map_with_names(fn: Callable[[str, Any], Any], tree):
   return jax.tree_util.tree_map_with_path(lambda p, x: fn(layout.path_str(p), x), tree)
 
 
-def _compile_regex(regex):
+def _compile_regex(regex, key: str = "decay_regex"):
   if regex is None:
     return None
   if not isinstance(regex, str):
-    raise ValueError(f"optim config key 'decay_regex' must be a string or None, got {regex!r}")
+    raise ValueError(f"optim config key {key!r} must be a string or None, got {regex!r}")
   try:
     return re.compile(regex)
   except re.error as e:
-    raise ValueError(f"optim config key 'decay_regex' is not a valid regex ({regex!r}): {e}") from e
+    raise ValueError(f"optim config key {key!r} is not a valid regex ({regex!r}): {e}") from e
+
+
+def trainable_mask(params, trainable_regex: Optional[str]):
+  """Tree of bools: True for the params the optimizer updates (all when the regex is None)."""
+  pattern = _compile_regex(trainable_regex, "trainable_regex")
+  if pattern is None:
+    return jax.tree.map(lambda _: True, params)
+  return _map_with_names(lambda name, _: pattern.search(name) is not None, params)
+
+
+def freeze_untrainable(trainable_regex: str) -> optax.GradientTransformation:
+  """Zeroes the updates of params outside `trainable_regex` (after every other transform, so
+  neither weight decay nor momentum moves them)."""
+  def update_fn(updates, state, params=None):
+    del params
+    keep = trainable_mask(updates, trainable_regex)
+    return jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, keep), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def weight_decay_mask(params, decay_regex: Optional[str] = DEFAULT_DECAY_REGEX):
@@ -363,6 +384,7 @@ def make_optimizer(optim_config, schedule_config, params, total_steps: int, *,
                     which would otherwise cancel it) are multiplied by
                     layer_decay ** (depth + 1 - layer_id), before the lr; `depth` is inferred
                     from `params` unless given.
+    trainable_regex: updates of params whose path it does not match are zeroed last.
 
   `params` is only read for its structure (weight-decay mask check, depth), so abstract
   params (jax.eval_shape) do; the transformation then works on that tree's layout.
@@ -392,6 +414,11 @@ def make_optimizer(optim_config, schedule_config, params, total_steps: int, *,
       raise ValueError(f"optim config key 'decay_regex' ({decay_regex!r}) matches no parameter, "
                        f"so weight_decay={weight_decay} would do nothing")
 
+  trainable = cfg["trainable_regex"]
+  if trainable is not None and not any(jax.tree.leaves(trainable_mask(params, trainable))):
+    raise ValueError(f"optim config key 'trainable_regex' ({trainable!r}) matches no parameter, "
+                     "so nothing would train")
+
   schedule = make_schedule(schedule_config, lr, total_steps)
 
   if weight_decay > 0:
@@ -416,5 +443,7 @@ def make_optimizer(optim_config, schedule_config, params, total_steps: int, *,
     # Validates the tree now (unknown top-level names, depth) rather than at the first step.
     layer_decay_multipliers(params, layer_decay, depth, groups)
     chain.append(scale_by_layer_decay(layer_decay, _resolve_depth(params, depth), groups))
+  if trainable is not None:
+    chain.append(freeze_untrainable(trainable))
   chain.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*chain), schedule

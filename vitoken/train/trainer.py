@@ -96,6 +96,9 @@ class Trainer:
                              in_shardings=(params_shardings, self.batch_sharding, frozen_shardings,
                                            repl),
                              out_shardings=repl)
+    self.preview_step = jax.jit(self.task.preview, in_shardings=(params_shardings, self.batch_sharding),
+                                out_shardings=repl)
+    self._preview_batch = None
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -123,8 +126,15 @@ class Trainer:
 
   def _grads(self, params, batch, frozen, rng, step):
     progress = step.astype(jnp.float32) / self.config.total_steps
-    grad_fn = jax.value_and_grad(
-        lambda p, mb, r: self.task.loss(p, frozen, mb, r, step, progress), has_aux=True)
+    trainable = optim.trainable_mask(params, self.config.optim.get("trainable_regex"))
+
+    def loss_fn(p, mb, r):
+      # Params the optimizer never moves get no gradient, so a linear probe differentiates
+      # only its head, not back through the encoder.
+      p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
+      return self.task.loss(p, frozen, mb, r, step, progress)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = self.config.grad_accum_steps
     if accum == 1:
       (_, metrics), grads = grad_fn(params, batch, rng)
@@ -184,7 +194,8 @@ class Trainer:
     c = self.config.init_from
     grid = (self.info.image_shape[0] // self.model.patch_size[0],
             self.info.image_shape[1] // self.model.patch_size[1])
-    loaded = ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2])
+    loaded = ckpt_lib.subtree(ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2]),
+                              c.subtree, c.path)
     params, kept = ckpt_lib.merge_params(
         jax.tree.map(np.asarray, jax.device_get(state["params"])), loaded, exclude=c.exclude or None,
         grid=grid, num_prefix_pos=self.model.num_prefix if self.model.posemb_prefix else 0,
@@ -205,6 +216,14 @@ class Trainer:
       out = self.eval_step(params, self._global(batch), self.frozen, jax.random.fold_in(key, i))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     return self.task.eval_summary(jax.device_get(totals))
+
+  def write_preview(self, params, step: int):
+    """The task's picture (e.g. reconstructions) of the first eval batch, by process 0."""
+    if self._preview_batch is None:
+      self._preview_batch = self._global(next(iter(self._eval_batches())))
+    arrays = self.preview_step(params, self._preview_batch)
+    if jax.process_index() == 0:
+      self.task.write_preview(jax.device_get(arrays), self.workdir, step)
 
   def _global(self, local_batch):
     return sharding.global_batch(local_batch, self.batch_sharding, self.config.batch_size)
@@ -297,6 +316,8 @@ class Trainer:
             logger.write(step, values, split=split)
             log.info("%s at step %d: %s", split, step,
                      ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+          if self.task.previews:
+            self.write_preview(state["params"], step)
         if do_save:
           self.checkpointer.save(step, state, train_iter, self._meta(step), force=True)
           log.info("checkpoint at step %d saved to %s", step, self.checkpointer.directory)

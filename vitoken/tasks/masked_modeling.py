@@ -1,0 +1,199 @@
+"""Label-free pretraining by masked modeling: MAE and SimMIM, chosen by `config.task.name`.
+
+    config.task = dict(name="mae", mask_ratio=0.75, norm_pix_loss=True, decoder_width=512,
+                       decoder_depth=8, decoder_heads=16)
+    config.task = dict(name="simmim", mask_patch_size=32, mask_ratio=0.6)
+
+`config.model` is the encoder (ViT fields); it ends at its LayerNorm, with no pooling or head.
+The masks' randomness is uniform noise that the input pipeline draws for every example (one
+value per patch for MAE, per mask cell for SimMIM), seeded by the data position, so masks
+survive a resume exactly and the model's shapes are static. Evaluation reports the same loss
+on the eval split, and every evaluation writes a reconstruction grid (original, masked,
+reconstruction, reconstruction with the visible patches pasted back) to `<workdir>/previews/`. Fine-tune the encoder from the run's workdir with
+`config.init_from = dict(path=workdir, subtree="encoder", exclude="^(head|fc_norm)/")`.
+"""
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitoken import paths, settings as settings_lib, visualize
+from vitoken.models import mae, masking, simmim
+from vitoken.tasks import base
+
+
+class UniformNoise:
+  """Batch field "noise": float32 [B, length] uniform in [0, 1), from the pipeline's generator."""
+
+  def __init__(self, length: int):
+    self.length = length
+
+  def __call__(self, batch, rng: np.random.Generator):
+    batch = dict(batch)
+    batch["noise"] = rng.random((batch["image"].shape[0], self.length), dtype=np.float32)
+    return batch
+
+
+class MaskedImageModeling(base.Task):
+  """What MAE and SimMIM share: noise from the pipeline, loss metrics, reconstruction grids."""
+  uses_labels = False
+  headline = "loss"
+
+  def __init__(self, config, info, preview_examples: int = 8):
+    super().__init__(config, info)
+    if not isinstance(preview_examples, int) or preview_examples < 0:
+      raise ValueError(f"task preview_examples must be an int >= 0, got {preview_examples!r}")
+    self.preview_examples = preview_examples
+
+  def pretraining_model(self):
+    raise NotImplementedError
+
+  def noise_length(self) -> int:
+    raise NotImplementedError
+
+  def per_example(self, images, pred, mask):
+    """([B] loss numerators, [B] denominators) whose batch ratio is the method's loss."""
+    raise NotImplementedError
+
+  def models(self):
+    if self._models is None:
+      model = self.pretraining_model()
+      self._models = (model, model)
+    return self._models
+
+  def encoder(self):
+    return self.model.encoder_model()
+
+  def depth(self) -> Optional[int]:
+    return None  # the encoder's blocks sit under "encoder/": no layer-wise lr decay here
+
+  def layer_decay_groups(self) -> Dict[str, str]:
+    return {}
+
+  def sharding_rules(self):
+    return self.encoder().sharding_rules()
+
+  def batch_fields(self):
+    return UniformNoise(self.noise_length())
+
+  def init_params(self, rng, batch):
+    params_rng, masking_rng = jax.random.split(rng)
+    return self.model.init({"params": params_rng, "masking": masking_rng}, batch["image"],
+                           noise=batch["noise"])["params"]
+
+  def apply(self, params, batch, rng, *, train: bool, step=None, progress=None, model=None):
+    rngs = {"dropout": rng} if train else {}
+    return self.model.apply({"params": params}, batch["image"], noise=batch["noise"],
+                            train=train, rngs=rngs)
+
+  def loss(self, params, frozen, batch, rng, step, progress):
+    loss, _, mask = self.apply(params, batch, rng, train=True)
+    return loss, {"loss": loss, "masked_share": mask.mean()}
+
+  def eval_sums(self, params, frozen, batch, rng):
+    _, pred, mask = self.apply(params, batch, rng, train=False)
+    numerator, denominator = self.per_example(batch["image"], pred, mask)
+    per_example = numerator / denominator
+    weight = batch["mask"].astype(jnp.float32)
+    return {"loss_sum": jnp.sum(per_example * weight), "count": jnp.sum(weight)}
+
+  # ---- reconstruction grids ---------------------------------------------------------------
+  @property
+  def previews(self) -> bool:
+    return self.preview_examples > 0
+
+  def preview(self, params, batch) -> Dict[str, jax.Array]:
+    """Arrays for a picture of the first examples: original, masked and reconstructed images."""
+    k = min(self.preview_examples, batch["image"].shape[0])
+    batch = {key: v[:k] for key, v in batch.items()}
+    _, pred, mask = self.apply(params, batch, None, train=False)
+    encoder = self.encoder()
+    images = batch["image"].astype(jnp.float32)
+    patch = tuple(encoder.patch_size)
+    grid = masking.patch_grid(images.shape[1:3], patch)
+    pred = self.to_pixels(images, pred, patch)
+    pixel_mask = masking.unpatchify(
+        jnp.repeat(mask[..., None], patch[0] * patch[1] * images.shape[-1], axis=-1), patch, grid,
+        images.shape[-1])
+    reconstruction = masking.unpatchify(pred, patch, grid, images.shape[-1])
+    return {"original": images, "masked": images * (1 - pixel_mask), "pixel_mask": pixel_mask,
+            "reconstruction": reconstruction}
+
+  def to_pixels(self, images, pred, patch):
+    return pred
+
+  def write_preview(self, arrays, directory, step: int):
+    """Writes the grid as previews/reconstructions_<step>.png and previews/reconstructions.png."""
+    picture = visualize.reconstruction_grid(arrays["original"], arrays["masked"],
+                                            arrays["reconstruction"], arrays["pixel_mask"])
+    folder = paths.resolve(directory) / "previews"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = visualize.png_bytes(picture, scale=max(1, 128 // arrays["original"].shape[1]))
+    for name in (f"reconstructions_{step:06d}.png", "reconstructions.png"):
+      (folder / name).write_bytes(data)
+
+
+@base.register("mae")
+class MAETask(MaskedImageModeling):
+  """MAE pretraining (vitoken.models.mae)."""
+
+  def __init__(self, config, info, mask_ratio: float = 0.75, norm_pix_loss: bool = False,
+               decoder_width: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+               decoder_mlp_dim: Optional[int] = None, preview_examples: int = 8):
+    super().__init__(config, info, preview_examples)
+    masking.check_mask_ratio(mask_ratio, "task mask_ratio")
+    mae.check_decoder(decoder_width, decoder_depth, decoder_heads)
+    if not isinstance(norm_pix_loss, bool):
+      raise ValueError(f"task norm_pix_loss must be a bool, got {norm_pix_loss!r}")
+    self.settings = dict(mask_ratio=float(mask_ratio), norm_pix_loss=norm_pix_loss,
+                         decoder_width=decoder_width, decoder_depth=decoder_depth,
+                         decoder_heads=decoder_heads, decoder_mlp_dim=decoder_mlp_dim)
+
+  def pretraining_model(self):
+    fields = settings_lib.as_dict(self.config.model, "model config")
+    fields.setdefault("channels", self.info.image_shape[-1])
+    return mae.MaskedAutoencoder(encoder=fields, **self.settings)
+
+  def noise_length(self) -> int:
+    gh, gw = masking.patch_grid(self.info.image_shape[:2], self.encoder().patch_size)
+    return gh * gw
+
+  def per_example(self, images, pred, mask):
+    return mae.per_example_loss(images, pred, mask, tuple(self.encoder().patch_size),
+                                self.settings["norm_pix_loss"])
+
+  def to_pixels(self, images, pred, patch):
+    if not self.settings["norm_pix_loss"]:
+      return pred
+    # The model predicts per-patch normalised pixels: show them at each patch's own mean and
+    # spread, as MAE's visualisation does.
+    target = masking.patchify(images, patch)
+    mean = target.mean(axis=-1, keepdims=True)
+    std = jnp.sqrt(target.var(axis=-1, ddof=1, keepdims=True) + 1e-6)
+    return pred * std + mean
+
+
+@base.register("simmim")
+class SimMIMTask(MaskedImageModeling):
+  """SimMIM pretraining (vitoken.models.simmim)."""
+
+  def __init__(self, config, info, mask_patch_size: int = 32, mask_ratio: float = 0.6,
+               preview_examples: int = 8):
+    super().__init__(config, info, preview_examples)
+    masking.check_mask_ratio(mask_ratio, "task mask_ratio")
+    self.settings = dict(mask_patch_size=mask_patch_size, mask_ratio=float(mask_ratio))
+    self.model.grids(self.info.image_shape[:2])  # checks the mask patch against image and patch
+
+  def pretraining_model(self):
+    fields = settings_lib.as_dict(self.config.model, "model config")
+    fields.setdefault("channels", self.info.image_shape[-1])
+    return simmim.SimMIM(encoder=fields, **self.settings)
+
+  def noise_length(self) -> int:
+    (gh, gw), _ = self.model.grids(self.info.image_shape[:2])
+    return gh * gw
+
+  def per_example(self, images, pred, mask):
+    total, pixels = simmim.per_example_loss(images, pred, mask, tuple(self.encoder().patch_size))
+    return total, (pixels + 1e-5) * images.shape[-1]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitoken.convert import from_mae
+from vitoken.convert import mae as convert_mae
 from vitoken.convert.torch_reference import import_timm
 from vitoken.models import mae, masking, posemb, simmim, vit
 
@@ -427,6 +428,31 @@ def test_from_mae_matches_torch_mae(torch_mae, norm_pix_loss):
       float(loss), ref_mae_loss(images.permute(0, 2, 3, 1).numpy(), np.asarray(pred),
                                 np.asarray(mask), 8, norm_pix_loss), rtol=1e-5)
 
+
+
+def test_mae_encoder_fine_tunes_as_maes_timm_vit(torch_mae):
+  """MAE fine-tunes timm's ViT with global pooling and fc_norm, loading the pretraining
+  encoder non-strictly (its final `norm` unused); vitoken's fine-tuning ViT built from the
+  converted encoder gives the same pooled features."""
+  model, images, _ = torch_mae
+  module, params = from_mae(model.state_dict(), num_heads=4, decoder_heads=4)
+  vit_model = convert_mae.finetune_model(module, 10)
+  vit_params = convert_mae.encoder_params(params, vit_model, 32)
+  assert vit_model.pool_type == "gap" and vit_model.fc_norm and "encoder_norm" not in vit_params
+  encoder_sd = {k: v for k, v in model.state_dict().items()
+                if not k.startswith(("decoder", "mask_token", "norm."))}
+  reference = timm.models.vision_transformer.VisionTransformer(
+      img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4, qkv_bias=True,
+      num_classes=10, global_pool="avg", fc_norm=True,
+      norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+  missing, unexpected = reference.load_state_dict(encoder_sd, strict=False)
+  assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+  assert not unexpected
+  with torch.no_grad():
+    want = reference.forward_head(reference.forward_features(images), pre_logits=True).numpy()
+  _, aux = vit_model.apply({"params": vit_params}, jnp.asarray(images.permute(0, 2, 3, 1).numpy()))
+  np.testing.assert_allclose(np.asarray(aux["pre_logits"]), want, atol=1e-4)
+  assert float(np.abs(want).mean()) > 0.1
 
 def test_from_mae_checkpoint_wrapper_and_rng_masking(torch_mae):
   model, images, _ = torch_mae

@@ -121,6 +121,10 @@ class Task:
     fields = self.batch_fields()
     return fields(batch, np.random.default_rng(0)) if fields is not None else batch
 
+  def backbone(self) -> vit.VisionTransformer:
+    """The ViT inside the train model (patch size, prefix tokens, position embedding)."""
+    return self.model
+
   def depth(self) -> Optional[int]:
     return getattr(self.model, "depth", None)
 

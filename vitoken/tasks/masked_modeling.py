@@ -65,6 +65,9 @@ class MaskedImageModeling(base.Task):
   def encoder(self):
     return self.model.encoder_model()
 
+  def backbone(self):
+    return self.encoder()
+
   def depth(self) -> Optional[int]:
     return None  # the encoder's blocks sit under "encoder/": no layer-wise lr decay here
 

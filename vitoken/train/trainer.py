@@ -192,13 +192,14 @@ class Trainer:
 
   def _init_from(self, state):
     c = self.config.init_from
-    grid = (self.info.image_shape[0] // self.model.patch_size[0],
-            self.info.image_shape[1] // self.model.patch_size[1])
+    backbone = self.task.backbone()  # the ViT whose position embedding may need resizing
+    grid = (self.info.image_shape[0] // backbone.patch_size[0],
+            self.info.image_shape[1] // backbone.patch_size[1])
     loaded = ckpt_lib.subtree(ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2]),
                               c.subtree, c.path)
     params, kept = ckpt_lib.merge_params(
         jax.tree.map(np.asarray, jax.device_get(state["params"])), loaded, exclude=c.exclude or None,
-        grid=grid, num_prefix_pos=self.model.num_prefix if self.model.posemb_prefix else 0,
+        grid=grid, num_prefix_pos=backbone.num_prefix if backbone.posemb_prefix else 0,
         posemb_method=c.posemb_resize)
     log.info("init_from %s (kept fresh: %s)", c.path, kept)
     params = jax.device_put(params, self.state_shardings["params"])

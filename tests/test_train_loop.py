@@ -11,11 +11,8 @@ from vitoken.train import checkpoint as ckpt_lib, config as config_lib, trainer
 from vitoken.train.metrics import read_jsonl
 
 
-def smoke_config(**overrides):
-  c = quickstart.get_config("runlocal")
-  c.progress_bar = False
-  c.checkpoint.async_save = False
-  c.log_every_steps = 1
+def override(c, **overrides):
+  """Sets dotted keys ("optim.lr"=0.1) of a config in place; returns it."""
   for key, value in overrides.items():
     target = c
     *parents, leaf = key.split(".")
@@ -23,6 +20,14 @@ def smoke_config(**overrides):
       target = target[p]
     target[leaf] = value
   return c
+
+
+def smoke_config(**overrides):
+  c = quickstart.get_config("runlocal")
+  c.progress_bar = False
+  c.checkpoint.async_save = False
+  c.log_every_steps = 1
+  return override(c, **overrides)
 
 
 def losses(workdir, split="train", key="loss"):

@@ -3,7 +3,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
 
@@ -38,6 +38,29 @@ def interleaved_throughput(fns: Dict[str, Callable], *args, batch: int, windows:
       samples[name].append(batch * iters / (time.perf_counter() - start))
   return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
           for name, v in samples.items()}
+
+
+def run_config(get_config, arg: str, small: bool, steps: Optional[int] = None):
+  """A config file's `get_config(arg)` as an experiment runs it: runlocal-sized when `small`,
+  `steps` (if given) with one eval and checkpoint at the end, no progress bar."""
+  c = get_config(arg + (",runlocal" if small else ""))
+  if steps:
+    c.total_steps = steps
+    c.eval_every_steps = c.checkpoint.every_steps = steps
+    c.schedule.warmup_steps = min(c.schedule.warmup_steps, steps // 10)
+  c.progress_bar = False
+  return c
+
+
+def train_or_reuse(config, workdir: str) -> Dict:
+  """Trains (or resumes) one run; its saved summary when it had already finished."""
+  from vitoken.train import trainer  # pylint: disable=import-outside-toplevel
+  summary = trainer.run(config, workdir)
+  path = os.path.join(workdir, "summary.json")
+  if summary.get("steps_run", 0) == 0 and os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+  return summary
 
 
 def markdown_table(rows: List[Dict], columns: Sequence[str]) -> str:

@@ -13,7 +13,6 @@ backward, AdamW update) of MAE and of SimMIM on the same batch, interleaved in o
 Writes experiments/results/masked_modeling.{json,md,png} and the MAE reconstruction grid.
 """
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -48,24 +47,7 @@ LABELS = {"scratch": "scratch (no pretraining)", "mae_finetune": "MAE → fine-t
 
 def _config(arg: str, small: bool, steps: Optional[int]):
   from configs import masked_modeling as configs  # pylint: disable=import-outside-toplevel
-  c = configs.get_config(arg + (",runlocal" if small else ""))
-  if steps:
-    c.total_steps = steps
-    c.eval_every_steps = c.checkpoint.every_steps = steps
-    c.schedule.warmup_steps = min(c.schedule.warmup_steps, steps // 10)
-  c.progress_bar = False
-  return c
-
-
-def _train(config, workdir: str) -> Dict:
-  """Trains (or resumes) one run; the saved summary when it had already finished."""
-  from vitoken.train import trainer  # pylint: disable=import-outside-toplevel
-  summary = trainer.run(config, workdir)
-  path = os.path.join(workdir, "summary.json")
-  if summary.get("steps_run", 0) == 0 and os.path.exists(path):
-    with open(path) as f:
-      summary = json.load(f)
-  return summary
+  return common.run_config(configs.get_config, arg, small, steps)
 
 
 class _Config(dict):
@@ -142,13 +124,13 @@ def main(argv=None):
   summaries = {}
   for name, arg in PRETRAIN.items():
     print(f"== pretraining {name}: {arg}", flush=True)
-    summaries[name] = _train(_config(arg, args.small, args.pretrain_steps),
+    summaries[name] = common.train_or_reuse(_config(arg, args.small, args.pretrain_steps),
                              os.path.join(args.workroot, name))
   for name, (arg, init) in DOWNSTREAM.items():
     if init:
       arg += f",init={os.path.join(args.workroot, init)}"
     print(f"== {name}: {arg}", flush=True)
-    summaries[name] = _train(_config(arg, args.small, args.steps), os.path.join(args.workroot, name))
+    summaries[name] = common.train_or_reuse(_config(arg, args.small, args.steps), os.path.join(args.workroot, name))
 
   rows: List[Dict] = []
   for name, (arg, init) in DOWNSTREAM.items():

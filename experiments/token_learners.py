@@ -12,7 +12,6 @@ LookupViT model is also evaluated at a second compressed grid with the same para
 Writes experiments/results/token_learners.{json,md,png}.
 """
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List, NamedTuple, Optional
@@ -28,7 +27,6 @@ from experiments import common  # noqa: E402
 from vitoken import tasks  # noqa: E402
 from vitoken.data import pipeline  # noqa: E402
 from vitoken.train import checkpoint as ckpt_lib  # noqa: E402
-from vitoken.train import trainer  # noqa: E402
 
 # run name -> configs/token_learners.py argument
 RUNS = {
@@ -68,23 +66,12 @@ EVALS = [
 
 
 def run_config(run: str, small: bool, steps: Optional[int]) -> ml_collections.ConfigDict:
-  c = configs.get_config(RUNS[run] + (",runlocal" if small else ""))
-  if steps:
-    c.total_steps = steps
-    c.eval_every_steps = c.checkpoint.every_steps = steps
-    c.schedule.warmup_steps = min(c.schedule.warmup_steps, steps // 10)
-  c.progress_bar = False
-  return c
+  return common.run_config(configs.get_config, RUNS[run], small, steps)
 
 
 def train(run: str, workdir: str, small: bool, steps: Optional[int]) -> Dict:
   """Trains (or resumes) one run; returns its summary (the saved one when it had finished)."""
-  summary = trainer.run(run_config(run, small, steps), workdir)
-  path = os.path.join(workdir, "summary.json")
-  if summary.get("steps_run", 0) == 0 and os.path.exists(path):
-    with open(path) as f:
-      summary = json.load(f)
-  return summary
+  return common.train_or_reuse(run_config(run, small, steps), workdir)
 
 
 def tokens_per_block(model, params, probe) -> str:

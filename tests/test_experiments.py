@@ -3,7 +3,7 @@ import json
 import os
 
 from configs import quickstart
-from experiments import token_learners, tome_accuracy, tome_benchmark
+from experiments import masked_modeling, token_learners, tome_accuracy, tome_benchmark
 from vitoken.train import trainer
 
 
@@ -42,3 +42,22 @@ def test_token_learners_trains_evaluates_and_times_every_variant(tmp_path):
   assert [r["tokens"] for r in by_run["lookup_multi"]] == ["64>16>16>16>16>16>16", "64>4>4>4>4>4>4"]
   assert by_run["tl8_loc2"][0]["FLOPs vs dense"] < 0.5
   assert os.path.exists(tmp_path / "out" / "token_learners.png")
+
+
+def test_masked_modeling_pretrains_fine_tunes_probes_and_times(tmp_path):
+  masked_modeling.main(["--small", "--workroot", str(tmp_path / "runs"), "--batch", "8",
+                        "--windows", "2", "--iters", "1", "--out", str(tmp_path / "out")])
+  result = json.load(open(tmp_path / "out" / "masked_modeling.json"))
+  rows = {r["run"]: r for r in result["rows"]}
+  assert list(rows) == list(masked_modeling.DOWNSTREAM)
+  # Every downstream run trains the same steps; all but scratch start from a 12-step pretraining.
+  assert {r["steps"] for r in rows.values()} == {12}
+  assert rows["scratch"]["pretrain steps"] == 0
+  assert all(rows[n]["pretrain steps"] == 12 for n in rows if n != "scratch")
+  assert all(r["examples"] == 256 and 0 <= r["accuracy"] <= 1 for r in rows.values())
+  speed = {r["method"]: r for r in result["meta"]["pretraining_speed"]}
+  assert sorted(speed) == ["mae", "simmim"] and all(r["img/s"] > 0 for r in speed.values())
+  # MAE's encoder sees a quarter of the patches: its train step costs well under SimMIM's.
+  assert speed["mae"]["train GFLOPs/img"] < 0.5 * speed["simmim"]["train GFLOPs/img"]
+  for name in ("masked_modeling.png", "masked_modeling_reconstructions.png", "masked_modeling.md"):
+    assert os.path.exists(tmp_path / "out" / name)

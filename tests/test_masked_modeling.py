@@ -746,3 +746,14 @@ def test_noise_of_the_wrong_shape(tiny_mae):
     sm.init({"params": jax.random.key(0)}, jnp.zeros((2, 32, 32, 3)), noise=jnp.zeros((2, 16)))
   with pytest.raises(ValueError, match=r"inputs\['patch_mask'\] must be \[batch, 16\]"):
     sm.init({"params": jax.random.key(0)}, jnp.zeros((2, 32, 32, 3)), mask=jnp.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_pretraining_refuses_reducers_that_change_the_token_count(method):
+  encoder = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=(8, 8),
+                 token_reduction={"method": "tome", "r": 2})
+  model = (mae.MaskedAutoencoder(encoder=encoder, decoder_width=32, decoder_depth=1, decoder_heads=2)
+           if method == "mae" else simmim.SimMIM(encoder=encoder, mask_patch_size=16))
+  images = jnp.zeros((2, 32, 32, 3))
+  with pytest.raises(ValueError, match="cannot run during pretraining"):
+    model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, images)

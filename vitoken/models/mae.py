@@ -57,6 +57,14 @@ def pretraining_encoder(fields: Dict[str, Any], entry: Dict[str, Any],
   return vit.VisionTransformer(token_reduction=[entry] + extra, **where, **fields)
 
 
+def check_token_count(encoded, expected: int, what: str):
+  """Pretraining needs every (kept) patch token where the masking left it."""
+  if encoded.shape[1] != expected:
+    raise ValueError(f"{what}: the encoder returned {encoded.shape[1]} tokens where the masking "
+                     f"leaves {expected}; token reducers that change the token count cannot run "
+                     "during pretraining (switch them on at fine-tune time)")
+
+
 def per_example_loss(images, pred, mask, patch, norm_pix_loss: bool):
   """[B]: each example's mean over its masked patches of the per-patch pixel MSE."""
   target = patchify(jnp.asarray(images, jnp.float32), patch)
@@ -157,6 +165,9 @@ class MaskedAutoencoder(nn.Module):
     _, aux = encoder(images, train=train, inputs=inputs)
     record = aux["reduction"][MASKING_ENTRY]
     grid = patch_grid(images.shape[1:3], encoder.patch_size)
+    length = grid[0] * grid[1]
+    check_token_count(aux["encoded"], encoder.num_prefix + keep_count(length, check_mask_ratio(
+        self.mask_ratio if mask_ratio is None else mask_ratio)), "MAE")
     patch = tuple(encoder.patch_size)
     pred = MAEDecoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim,

@@ -73,6 +73,7 @@ class SimMIM(nn.Module):
       mask = self.make_mask(noise, images.shape[1:3])
     _, aux = encoder(images, train=train, inputs={"patch_mask": mask})
     patch = tuple(encoder.patch_size)
+    mae.check_token_count(aux["encoded"], encoder.num_prefix + mask.shape[1], "SimMIM")
     tokens = aux["encoded"][:, encoder.num_prefix:]
     pred = nn.Dense(patch[0] * patch[1] * encoder.channels, dtype=encoder.dtype,
                     param_dtype=encoder.param_dtype, name="decoder")(tokens).astype(jnp.float32)

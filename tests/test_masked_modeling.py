@@ -757,3 +757,12 @@ def test_pretraining_refuses_reducers_that_change_the_token_count(method):
   images = jnp.zeros((2, 32, 32, 3))
   with pytest.raises(ValueError, match="cannot run during pretraining"):
     model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, images)
+
+
+def test_big_vision_export_refuses_maes_sincos_table():
+  from vitoken.convert import to_big_vision
+  model = vit.Model(10, width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=(8, 8),
+                    posemb="sincos2d_mae")
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  with pytest.raises(ValueError, match="MAE's sin-cos table"):
+    to_big_vision(model, params)

@@ -245,9 +245,10 @@ def to_big_vision(module: vit.VisionTransformer, params) -> Dict[str, np.ndarray
   """Exports params of a big_vision-compatible ViT (class token or gap/map, no registers,
   no layer scale, no prefix positions) as a flat '/'-named dict for `np.savez`."""
   if module.num_registers or module.layer_scale_init is not None or module.posemb_prefix \
-      or module.fc_norm or module.pre_norm or not module.qkv_bias:
+      or module.fc_norm or module.pre_norm or not module.qkv_bias or module.posemb == "sincos2d_mae":
     raise ValueError("this ViT has parts big_vision's vit.py lacks (registers, layer scale, "
-                     "fc_norm, pre_norm, prefix positions or no qkv bias)")
+                     "fc_norm, pre_norm, prefix positions, no qkv bias, or MAE's sin-cos table, "
+                     "which big_vision would replace by its own)")
   tree = layout.to_unscanned(params) if module.scan else params
   flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
   out: Dict[str, np.ndarray] = {}

@@ -13,14 +13,12 @@ import numpy as np
 
 from vitoken import settings as settings_lib
 
-# Tasks whose runs hold a pretraining model ({"encoder", "decoder"} params), not a classifier.
-PRETRAINING_TASKS = ("mae", "simmim")
-
 
 def load_run_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]] = None,
                    what: str = "checkpoint"):
   """(model, params, run config) of a run's checkpoint; names every param that does not fit.
-  The model is the run's ViT, or for a masked-modeling pretraining run its MAE / SimMIM model.
+  The model is the run's ViT, or the model its task builds around the ViT (a masked-modeling
+  pretraining run's MAE / SimMIM model).
 
   `info` (a pipeline.DataInfo) gives the image shape and classes; without it they come from
   the saved config and the params themselves.
@@ -30,25 +28,25 @@ def load_run_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]]
   from vitoken.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   config = ckpt_lib.load_run_config(path)
   params = ckpt_lib.load_params(path)
-  task_name = (config.get("task") or {}).get("name", "classification")
-  pretraining = task_name in PRETRAINING_TASKS
+  task_cls = base.task_class((config.get("task") or {}).get("name", "classification"))
+  scope = task_cls.backbone_scope  # None: the run's model is its ViT
   if info is None:
     size = int(config.data.image_size)
-    stem = params["encoder"] if pretraining and "encoder" in params else params
+    stem = params[scope] if scope and scope in params else params
     channels = int(np.shape(stem["embedding"]["kernel"])[2])
     classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
     info = pipeline.DataInfo(num_classes=classes, image_shape=(size, size, channels),
                              train_examples=0, eval_examples=0)
   fields = {**settings_lib.as_dict(config.model, "model config"), **(model_overrides or {})}
-  if pretraining:
-    # A masked-modeling run: its task builds the pretraining model (encoder + decoder).
+  if scope:
+    # A model around the ViT (a pretraining run's encoder + decoder): its task builds it.
     import ml_collections  # pylint: disable=import-outside-toplevel
-    from vitoken import tasks  # pylint: disable=import-outside-toplevel
-    spec = ml_collections.ConfigDict({"model": fields,
-                                      "task": settings_lib.as_dict(config.task, "task")})
-    model = tasks.build(spec, info).model
+    task = base.build(ml_collections.ConfigDict(
+        {"model": fields, "task": settings_lib.as_dict(config.task, "task")}), info)
+    model, dtype = task.model, task.backbone().param_dtype
   else:
     model = base.vit_from_config(fields, info)
+    dtype = model.param_dtype
   images = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
   rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
   expected = jax.eval_shape(model.init, rngs, images)["params"]
@@ -62,7 +60,6 @@ def load_run_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]]
     raise ValueError(f"{what} {path} does not fit the model its config describes (check the "
                      "model overrides and the data's image size and classes):\n  "
                      + "\n  ".join(problems[:10]))
-  dtype = model.encoder_model().param_dtype if pretraining else model.param_dtype
   return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), config
 
 

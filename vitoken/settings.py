@@ -28,6 +28,11 @@ def plain(value, *, sequences=tuple):
   return value
 
 
+def pair(size) -> tuple:
+  """A size given as one int or as two (height, width), as a 2-tuple."""
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def is_count(value, minimum: int = 1) -> bool:
   """True for a whole number >= `minimum` (an int or an integral float; never a bool)."""
   try:

@@ -9,23 +9,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken.models import layout, vit
+from vitoken.settings import pair  # noqa: F401  (the converters' `common.pair`)
 
 ImageSize = Union[int, Tuple[int, int]]
 
 
-def pair(size: ImageSize) -> Tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def build_model(inferred: Dict[str, Any], overrides: Dict[str, Any]) -> vit.VisionTransformer:
   """The checkpoint decides the architecture; overrides change how it runs (dtype, reducers...)."""
+  check_overrides(inferred, overrides)
+  fields = {**inferred, **overrides}
+  return vit.Model(fields.pop("num_classes"), **fields)
+
+
+def check_overrides(inferred: Dict[str, Any], overrides: Dict[str, Any]):
+  """Overrides may not change the sizes the weights fix."""
   architecture = {"width", "depth", "mlp_dim", "patch_size", "channels"}
   clash = sorted(k for k in architecture & set(overrides) if overrides[k] != inferred.get(k))
   if clash:
     raise ValueError(f"override(s) {clash} contradict the checkpoint: "
                      + ", ".join(f"{k}={inferred.get(k)!r} in the weights" for k in clash))
-  fields = {**inferred, **overrides}
-  return vit.Model(fields.pop("num_classes"), **fields)
 
 
 def finalize(module: vit.VisionTransformer, params: Dict[str, Any], image_size: Tuple[int, int]):

@@ -89,10 +89,7 @@ def from_mae(state_dict, norm_pix_loss: bool = False, *, num_heads: Optional[int
                  patch_size=(ph, pw), mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
                  qkv_bias="blocks.0.attn.qkv.bias" in sd, class_token=True,
                  posemb="sincos2d_mae", layer_norm_eps=1e-6, gelu_approximate=False)
-  clash = sorted(k for k in set(encoder_overrides) & {"width", "depth", "mlp_dim", "patch_size",
-                                                      "channels"} if encoder_overrides[k] != encoder[k])
-  if clash:
-    raise ValueError(f"override(s) {clash} contradict the checkpoint")
+  common.check_overrides(encoder, encoder_overrides)
   encoder.update(encoder_overrides)
   module = mae.MaskedAutoencoder(
       encoder=encoder, decoder_width=decoder_width, decoder_depth=decoder_depth,

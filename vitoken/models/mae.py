@@ -12,7 +12,6 @@ per-patch MSE averaged over the masked patches only.
 from typing import Any, Dict, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vitoken import settings as settings_lib
@@ -65,13 +64,19 @@ def check_token_count(encoded, expected: int, what: str):
                      "during pretraining (switch them on at fine-tune time)")
 
 
+def patch_stats(patches):
+  """Each patch's mean and sqrt(unbiased variance + 1e-6), as `norm_pix_loss` normalises
+  (torch's Tensor.var is unbiased): patches [B, L, P] -> two [B, L, 1]."""
+  mean = patches.mean(axis=-1, keepdims=True)
+  return mean, jnp.sqrt(patches.var(axis=-1, ddof=1, keepdims=True) + 1e-6)
+
+
 def per_example_loss(images, pred, mask, patch, norm_pix_loss: bool):
-  """[B]: each example's mean over its masked patches of the per-patch pixel MSE."""
+  """([B] sums over the masked patches of the per-patch pixel MSE, [B] masked patch counts)."""
   target = patchify(jnp.asarray(images, jnp.float32), patch)
   if norm_pix_loss:
-    mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, ddof=1, keepdims=True)  # unbiased, as torch's Tensor.var
-    target = (target - mean) / jnp.sqrt(var + 1e-6)
+    mean, std = patch_stats(target)
+    target = (target - mean) / std
   per_patch = ((pred.astype(jnp.float32) - target) ** 2).mean(axis=-1)
   mask = mask.astype(jnp.float32)
   return (per_patch * mask).sum(axis=1), mask.sum(axis=1)
@@ -150,8 +155,8 @@ class MaskedAutoencoder(nn.Module):
     return encoder_fields(self.encoder, "MAE")
 
   def encoder_model(self, mask_ratio: Optional[float] = None, name: Optional[str] = None):
-    ratio = check_mask_ratio(self.mask_ratio if mask_ratio is None else mask_ratio)
-    entry = {"method": "random_masking", "name": MASKING_ENTRY, "mask_ratio": ratio}
+    entry = {"method": "random_masking", "name": MASKING_ENTRY,
+             "mask_ratio": self.mask_ratio if mask_ratio is None else mask_ratio}
     return pretraining_encoder(self.encoder_config(), entry, name)
 
   def rng_streams(self) -> frozenset:
@@ -160,14 +165,14 @@ class MaskedAutoencoder(nn.Module):
   @nn.compact
   def __call__(self, images, *, noise=None, mask_ratio=None, train: bool = False):
     check_decoder(self.decoder_width, self.decoder_depth, self.decoder_heads)
-    encoder = self.encoder_model(mask_ratio, name="encoder")
+    ratio = check_mask_ratio(self.mask_ratio if mask_ratio is None else mask_ratio)
+    encoder = self.encoder_model(ratio, name="encoder")
     inputs = {} if noise is None else {"noise": noise}
     _, aux = encoder(images, train=train, inputs=inputs)
     record = aux["reduction"][MASKING_ENTRY]
     grid = patch_grid(images.shape[1:3], encoder.patch_size)
-    length = grid[0] * grid[1]
-    check_token_count(aux["encoded"], encoder.num_prefix + keep_count(length, check_mask_ratio(
-        self.mask_ratio if mask_ratio is None else mask_ratio)), "MAE")
+    check_token_count(aux["encoded"], encoder.num_prefix + keep_count(grid[0] * grid[1], ratio),
+                      "MAE")
     patch = tuple(encoder.patch_size)
     pred = MAEDecoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim,

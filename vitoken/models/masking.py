@@ -15,12 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from vitoken.models.reducers import base
+from vitoken.settings import pair
 
 Pair = Union[int, Sequence[int]]
-
-
-def pair(value: Pair) -> Tuple[int, int]:
-  return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def check_mask_ratio(ratio, what: str = "mask_ratio") -> float:
@@ -78,18 +75,23 @@ def shuffle_indices(noise) -> Tuple[jax.Array, jax.Array]:
   return ids_shuffle, jnp.argsort(ids_shuffle, axis=1)
 
 
+def mae_mask(noise, mask_ratio: float):
+  """MAE's masking of noise [B, L]: (ids_keep [B, K] in ascending noise, mask [B, L] float
+  with 1 for removed patches in the original order, ids_restore [B, L])."""
+  keep = keep_count(noise.shape[1], mask_ratio)
+  ids_shuffle, ids_restore = shuffle_indices(noise)
+  return ids_shuffle[:, :keep], (ids_restore >= keep).astype(jnp.float32), ids_restore
+
+
 def random_masking(x, mask_ratio: float, noise):
   """MAE's per-example random masking (a batched gather, no vmap).
 
   x [B, L, D], noise [B, L] -> (kept [B, K, D] in ascending noise, mask [B, L] float with 1 for
   removed patches in the original order, ids_restore [B, L]).
   """
-  b, length = x.shape[:2]
-  check_noise(noise, b, length)
-  keep = keep_count(length, mask_ratio)
-  ids_shuffle, ids_restore = shuffle_indices(noise)
-  kept = base.take_tokens(x, ids_shuffle[:, :keep])
-  return kept, (ids_restore >= keep).astype(jnp.float32), ids_restore
+  check_noise(noise, *x.shape[:2])
+  ids_keep, mask, ids_restore = mae_mask(noise, mask_ratio)
+  return base.take_tokens(x, ids_keep), mask, ids_restore
 
 
 def simmim_mask_count(cells: int, mask_ratio: float) -> int:

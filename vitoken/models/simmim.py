@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vitoken.models import mae
-from vitoken.models.masking import (check_mask_ratio, patch_grid, patchify, simmim_grids,  # noqa: F401
-                                    simmim_mask, simmim_mask_count)
+from vitoken.models.masking import check_mask_ratio, patchify, simmim_grids, simmim_mask
 
 MASK_ENTRY = "mask_token"
 
@@ -57,20 +56,17 @@ class SimMIM(nn.Module):
     return frozenset({"masking"})
 
   def grids(self, image_hw):
+    """(coarse mask grid, model patches per cell side) for images of `image_hw`."""
     return simmim_grids(image_hw, self.encoder_model().patch_size, self.mask_patch_size)
-
-  def make_mask(self, noise, image_hw):
-    coarse, scale = self.grids(image_hw)
-    return simmim_mask(noise, check_mask_ratio(self.mask_ratio), coarse, scale)
 
   @nn.compact
   def __call__(self, images, *, noise=None, mask=None, train: bool = False):
     encoder = self.encoder_model(name="encoder")
     if mask is None:
-      coarse, _ = self.grids(images.shape[1:3])
+      coarse, scale = simmim_grids(images.shape[1:3], encoder.patch_size, self.mask_patch_size)
       if noise is None:
         noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], coarse[0] * coarse[1]))
-      mask = self.make_mask(noise, images.shape[1:3])
+      mask = simmim_mask(noise, check_mask_ratio(self.mask_ratio), coarse, scale)
     _, aux = encoder(images, train=train, inputs={"patch_mask": mask})
     patch = tuple(encoder.patch_size)
     mae.check_token_count(aux["encoded"], encoder.num_prefix + mask.shape[1], "SimMIM")

@@ -84,6 +84,9 @@ def model_inputs(batch) -> Dict[str, Any]:
 class Task:
   """Base class; the defaults are those of supervised classification."""
   uses_labels: ClassVar[bool] = True
+  # Where the backbone ViT's params sit in the train model's params: None when the model is
+  # the ViT itself, "encoder" for a pretraining model around it (MAE, SimMIM).
+  backbone_scope: ClassVar[Optional[str]] = None
   headline: ClassVar[str] = "accuracy"  # the eval metric a run's summary line reports
 
   def __init__(self, config, info):
@@ -201,13 +204,18 @@ def registered_tasks():
   return sorted(_REGISTRY)
 
 
-def build(config, info) -> Task:
-  """The task `config.task` names, with its settings checked against its signature."""
+def task_class(name: str) -> type:
+  """The Task class registered as `name`."""
   from vitoken import tasks as _  # noqa: F401  (registers the built-in tasks)
-  spec = settings_lib.as_dict(config.get("task") if hasattr(config, "get") else None, "task config")
-  name = spec.pop("name", "classification")
   if name not in _REGISTRY:
     raise ValueError(f"unknown task {name!r}; known: {registered_tasks()}")
-  cls = _REGISTRY[name]
+  return _REGISTRY[name]
+
+
+def build(config, info) -> Task:
+  """The task `config.task` names, with its settings checked against its signature."""
+  spec = settings_lib.as_dict(config.get("task") if hasattr(config, "get") else None, "task config")
+  name = spec.pop("name", "classification")
+  cls = task_class(name)
   settings_lib.check_call(cls.__init__, spec, f"task {name!r}", exclude=("self", "config", "info"))
   return cls(config, info, **spec)

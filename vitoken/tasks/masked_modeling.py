@@ -39,6 +39,7 @@ class MaskedImageModeling(base.Task):
   """What MAE and SimMIM share: noise from the pipeline, loss metrics, reconstruction grids."""
   uses_labels = False
   headline = "loss"
+  backbone_scope = "encoder"
 
   def __init__(self, config, info, preview_examples: int = 8):
     super().__init__(config, info)
@@ -48,6 +49,12 @@ class MaskedImageModeling(base.Task):
 
   def pretraining_model(self):
     raise NotImplementedError
+
+  def encoder_spec(self):
+    """The encoder's ViT fields: `config.model`, channels defaulting to the data's."""
+    fields = settings_lib.as_dict(self.config.model, "model config")
+    fields.setdefault("channels", self.info.image_shape[-1])
+    return fields
 
   def noise_length(self) -> int:
     raise NotImplementedError
@@ -154,9 +161,7 @@ class MAETask(MaskedImageModeling):
                          decoder_heads=decoder_heads, decoder_mlp_dim=decoder_mlp_dim)
 
   def pretraining_model(self):
-    fields = settings_lib.as_dict(self.config.model, "model config")
-    fields.setdefault("channels", self.info.image_shape[-1])
-    return mae.MaskedAutoencoder(encoder=fields, **self.settings)
+    return mae.MaskedAutoencoder(encoder=self.encoder_spec(), **self.settings)
 
   def noise_length(self) -> int:
     gh, gw = masking.patch_grid(self.info.image_shape[:2], self.encoder().patch_size)
@@ -171,9 +176,7 @@ class MAETask(MaskedImageModeling):
       return pred
     # The model predicts per-patch normalised pixels: show them at each patch's own mean and
     # spread, as MAE's visualisation does.
-    target = masking.patchify(images, patch)
-    mean = target.mean(axis=-1, keepdims=True)
-    std = jnp.sqrt(target.var(axis=-1, ddof=1, keepdims=True) + 1e-6)
+    mean, std = mae.patch_stats(masking.patchify(images, patch))
     return pred * std + mean
 
 
@@ -189,9 +192,7 @@ class SimMIMTask(MaskedImageModeling):
     self.model.grids(self.info.image_shape[:2])  # checks the mask patch against image and patch
 
   def pretraining_model(self):
-    fields = settings_lib.as_dict(self.config.model, "model config")
-    fields.setdefault("channels", self.info.image_shape[-1])
-    return simmim.SimMIM(encoder=fields, **self.settings)
+    return simmim.SimMIM(encoder=self.encoder_spec(), **self.settings)
 
   def noise_length(self) -> int:
     (gh, gw), _ = self.model.grids(self.info.image_shape[:2])

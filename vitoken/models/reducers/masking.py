@@ -38,11 +38,10 @@ class RandomMasking(base.Reducer):
     if noise is None:
       noise = jax.random.uniform(self.make_rng("masking"), (b, length))
     masking_lib.check_noise(noise, b, length, f"inputs[{self.noise_key!r}]")
-    keep = masking_lib.keep_count(length, self.mask_ratio)
-    ids_shuffle, ids_restore = masking_lib.shuffle_indices(noise)
-    prefix = jnp.broadcast_to(jnp.arange(p, dtype=ids_shuffle.dtype), (b, p))
-    state = state.gather(jnp.concatenate([prefix, p + ids_shuffle[:, :keep]], axis=1))
-    return state, {"mask": (ids_restore >= keep).astype(jnp.float32), "ids_restore": ids_restore}
+    ids_keep, mask, ids_restore = masking_lib.mae_mask(noise, self.mask_ratio)
+    prefix = jnp.broadcast_to(jnp.arange(p, dtype=ids_keep.dtype), (b, p))
+    state = state.gather(jnp.concatenate([prefix, p + ids_keep], axis=1))
+    return state, {"mask": mask, "ids_restore": ids_restore}
 
 
 @base.register("mask_token")

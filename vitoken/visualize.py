@@ -26,6 +26,55 @@ def _rgb01(image) -> np.ndarray:
   return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
 
 
+DROPPED, FUSED = -1, -2  # `token_fates` codes of patches that no kept token holds
+
+
+def token_fates(num_prefix: int, grid: Sequence[int], *, ids=None, source=None) -> np.ndarray:
+  """[gh, gw] map of what became of each patch, for one example: the index of the token that
+  holds it (merged patches share one), FUSED where only a fused or learned token holds it
+  (EViT's fused token), DROPPED where no token does (pruned).
+
+  `source` [N, N0] (TokenState.source, traced with `trace_source=True`) follows merges and
+  fusions; `ids` [N] (TokenState.ids, or a pruning layer's recorded "ids") is enough for
+  pruning alone: each kept id holds its own patch and every other patch counts as dropped.
+  """
+  gh, gw = grid
+  if source is not None:
+    source = np.asarray(source, np.float32)[:, num_prefix:]
+    if ids is not None:
+      learned = np.asarray(ids) < 0
+    else:
+      learned = np.zeros(source.shape[0], bool)
+    real = np.where(learned[:, None], 0.0, source)
+    owner = real.argmax(axis=0)
+    fates = np.where(real.max(axis=0) > 0, owner, DROPPED)
+    fused = (fates == DROPPED) & (np.where(learned[:, None], source, 0.0).max(axis=0) > 0)
+    return np.where(fused, FUSED, fates).reshape(gh, gw)
+  if ids is None:
+    raise ValueError("token_fates needs the tokens' `ids` or their `source`")
+  ids = np.asarray(ids)
+  fates = np.full(gh * gw, DROPPED)
+  kept = np.nonzero(ids >= num_prefix)[0]
+  fates[ids[kept] - num_prefix] = kept
+  return fates.reshape(gh, gw)
+
+
+def _pixel_groups(groups, h: int, w: int) -> np.ndarray:
+  gh, gw = groups.shape
+  if h % gh or w % gw:
+    raise ValueError(f"image {h}x{w} is not a whole number of {gh}x{gw} patches")
+  return np.kron(groups, np.ones((h // gh, w // gw), dtype=groups.dtype))
+
+
+def _outlined(out, pixel_groups) -> np.ndarray:
+  """Light outlines between groups; uint8 [H, W, 3]."""
+  edge = np.zeros(pixel_groups.shape, bool)
+  edge[:, 1:] |= pixel_groups[:, 1:] != pixel_groups[:, :-1]
+  edge[1:, :] |= pixel_groups[1:, :] != pixel_groups[:-1, :]
+  out[edge] = out[edge] * 0.3 + 0.7
+  return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
 def merge_groups_image(image, source, *, num_prefix: int, grid: Sequence[int]) -> np.ndarray:
   """Paints every group of merged patches with its mean colour, outlined, as ToMe's figures do.
 
@@ -33,34 +82,58 @@ def merge_groups_image(image, source, *, num_prefix: int, grid: Sequence[int]) -
   Returns uint8 [H, W, 3].
   """
   img = _rgb01(image)
-  gh, gw = grid
-  h, w = img.shape[:2]
-  if h % gh or w % gw:
-    raise ValueError(f"image {h}x{w} is not a whole number of {gh}x{gw} patches")
-  ph, pw = h // gh, w // gw
-  groups = token_groups(source, num_prefix, grid)
-  pixel_groups = np.kron(groups, np.ones((ph, pw), dtype=groups.dtype))
+  pixel_groups = _pixel_groups(token_groups(source, num_prefix, grid), *img.shape[:2])
   out = np.zeros_like(img)
-  for g in np.unique(groups):
+  for g in np.unique(pixel_groups):
     sel = pixel_groups == g
     out[sel] = img[sel].mean(axis=0)
-  edge = np.zeros((h, w), bool)
-  edge[:, 1:] |= pixel_groups[:, 1:] != pixel_groups[:, :-1]
-  edge[1:, :] |= pixel_groups[1:, :] != pixel_groups[:-1, :]
-  out[edge] = out[edge] * 0.3 + 0.7
-  return (out * 255).round().astype(np.uint8)
+  return _outlined(out, pixel_groups)
+
+
+def _paint_fates(img, fates) -> np.ndarray:
+  """Single patches as they are, merged groups in their mean colour, dropped patches dimmed
+  and fused ones dimmed in blue, outlined."""
+  pixel_groups = _pixel_groups(fates, *img.shape[:2])
+  out = img.copy()
+  values, counts = np.unique(fates, return_counts=True)
+  for g, count in zip(values, counts):
+    sel = pixel_groups == g
+    if g == DROPPED:
+      out[sel] = img[sel] * 0.25
+    elif g == FUSED:
+      out[sel] = img[sel] * 0.25 + np.array([0.0, 0.1, 0.45], np.float32)
+    elif count > 1:
+      out[sel] = img[sel].mean(axis=0)
+  return _outlined(out, pixel_groups)
+
+
+def survivors_image(image, *, num_prefix: int, grid: Sequence[int], ids=None, source=None
+                    ) -> np.ndarray:
+  """Which patches survive token reduction, over the image (see `token_fates`): kept patches
+  as they are, merged groups in their mean colour, pruned patches dimmed, fused ones dimmed in
+  blue. image: [H, W, C]; ids [N] and/or source [N, N0] for this example. uint8 [H, W, 3]."""
+  return _paint_fates(_rgb01(image), token_fates(num_prefix, grid, ids=ids, source=source))
+
+
+def save_survivors_png(path: str, image, *, num_prefix: int, grid: Sequence[int], ids=None,
+                       source=None, scale: int = 1) -> str:
+  """Writes the original image and its surviving tokens side by side as a PNG."""
+  painted = survivors_image(image, num_prefix=num_prefix, grid=grid, ids=ids, source=source)
+  return _save_side_by_side(path, image, painted, scale)
 
 
 def save_merge_png(path: str, image, source, *, num_prefix: int, grid: Sequence[int],
                    scale: int = 1) -> str:
   """Writes the original image and its merged groups side by side as a PNG."""
   painted = merge_groups_image(image, source, num_prefix=num_prefix, grid=grid)
+  return _save_side_by_side(path, image, painted, scale)
+
+
+def _save_side_by_side(path, image, painted, scale):
   original = (_rgb01(image) * 255).round().astype(np.uint8)
   both = np.concatenate([original, np.full((original.shape[0], 4, 3), 255, np.uint8), painted], axis=1)
-  pic = Image.fromarray(both)
-  if scale > 1:
-    pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
-  pic.save(path)
+  with open(path, "wb") as f:
+    f.write(png_bytes(both, scale=scale))
   return path
 
 

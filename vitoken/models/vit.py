@@ -235,7 +235,8 @@ class VisionTransformer(nn.Module):
         depth=self.depth, layer_norm_eps=self.layer_norm_eps,
         gelu_approximate=self.gelu_approximate,
         attention_impl=attention_lib.check_implementation(self.attention_impl),
-        dtype=self.dtype, param_dtype=self.param_dtype, num_prefix=self.num_prefix)
+        dtype=self.dtype, param_dtype=self.param_dtype, num_prefix=self.num_prefix,
+        class_token=self.num_prefix > self.num_registers)
 
   def rng_streams(self) -> frozenset:
     """The rng streams `apply` needs besides "dropout" (those the reducers declare)."""

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vitoken import settings as settings_lib
 from vitoken.models.reducers import base as rbase
 from vitoken.tasks import base, classification, teacher as teacher_lib
 
@@ -46,7 +47,8 @@ def token_distillation(student_state, student_tokens, teacher_tokens, teacher_pr
   if student_state.mask is not None:
     weight = weight * student_state.mask[:, p:]
   if student_state.policy is not None:
-    weight = weight * student_state.policy[:, p:]
+    # DynamicViT's final keep decisions select the tokens; no gradient flows through them.
+    weight = weight * jax.lax.stop_gradient(student_state.policy[:, p:])
   index = jnp.clip(patch + teacher_prefix, 0, teacher_tokens.shape[1] - 1)
   t = rbase.take_tokens(jax.lax.stop_gradient(teacher_tokens).astype(jnp.float32), index)
   per_token = jnp.mean(jnp.square(s - t), axis=-1)
@@ -57,9 +59,16 @@ def token_distillation(student_state, student_tokens, teacher_tokens, teacher_pr
 class Distillation(classification.Classification):
   """Classification with a frozen teacher (see the module docstring)."""
 
-  def __init__(self, config, info, teacher, ce_weight: float = 0.5, logit_weight: float = 0.5,
+  def __init__(self, config, info, teacher=None, ce_weight: float = 0.5, logit_weight: float = 0.5,
                temperature: float = 1.0, hard: bool = False, token_weight: float = 0.0):
     super().__init__(config, info)
+    spec = settings_lib.plain(teacher)
+    if not spec or (isinstance(spec, dict) and not spec.get("path")):
+      raise ValueError(
+          f"distillation (logit_weight={logit_weight}, token_weight={token_weight}) needs a dense "
+          "teacher: set config.task.teacher = dict(path=<a trained run's workdir or checkpoint>) "
+          "(configs/token_pruning.py: teacher=<workdir>), or train with task "
+          "'classification' to drop the distillation terms")
     self.teacher_model, self._teacher_params = teacher_lib.load(teacher, info)
     if temperature <= 0:
       raise ValueError(f"distillation temperature must be > 0, got {temperature}")

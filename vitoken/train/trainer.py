@@ -21,6 +21,7 @@ from vitoken import paths
 from vitoken import settings as settings_lib
 from vitoken import tasks as tasks_lib
 from vitoken.data import pipeline
+from vitoken.models.reducers import base as rbase
 from vitoken.train import checkpoint as ckpt_lib
 from vitoken.train import config as config_lib
 from vitoken.train import distributed
@@ -87,8 +88,11 @@ class Trainer:
     frozen = self.task.frozen_params()
     frozen_shardings = sharding.tree_shardings(frozen, self.mesh, self.rules)
     self.frozen = jax.device_put(frozen, frozen_shardings)
+    # Scheduled token counts (EViT's keep-rate shrink) are static per compiled program: the
+    # step takes the phase it runs in as a static argument, one compile per phase.
+    self.phase_starts = self.task.backbone().plan().phase_starts()
     self.train_step = jax.jit(
-        self._train_step, donate_argnums=(0,),
+        self._train_step, donate_argnums=(0,), static_argnums=(3,),
         in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
         out_shardings=(self.state_shardings, repl))
     params_shardings = self.state_shardings["params"]
@@ -160,10 +164,16 @@ class Trainer:
     (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
     return jax.tree.map(lambda x: x / accum, (grads, metrics))
 
-  def _train_step(self, state, batch, frozen):
+  def phase(self, step: int) -> float:
+    """The start of the schedule phase that optimizer step `step` (0-based) trains in."""
+    done = step / self.config.total_steps
+    return max([0.0] + [s for s in self.phase_starts if done >= s])
+
+  def _train_step(self, state, batch, frozen, phase=0.0):
     step = state["step"]
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
-    grads, metrics = self._grads(state["params"], batch, frozen, rng, step)
+    with rbase.schedule_phase(phase):
+      grads, metrics = self._grads(state["params"], batch, frozen, rng, step)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"step": step + 1, "params": params, "opt_state": opt_state}
@@ -297,7 +307,7 @@ class Trainer:
     try:
       for step in range(start_step + 1, c.total_steps + 1):
         batch = self._global(next(train_iter))
-        state, metrics = self.train_step(state, batch, self.frozen)
+        state, metrics = self.train_step(state, batch, self.frozen, self.phase(step - 1))
         pending.append((step, metrics))
         steps_run += 1
         last = step == c.total_steps

@@ -55,6 +55,7 @@ LEARNED_ID = -1
 MERGE_MODES = ("mean", "sum", "max", "keep")
 
 _DEBUG = {"checked_gathers": False}
+_PHASE = {"start": None}
 
 
 @contextlib.contextmanager
@@ -70,6 +71,29 @@ def checked_gathers(enabled: bool = True):
     yield
   finally:
     _DEBUG["checked_gathers"] = previous
+
+
+@contextlib.contextmanager
+def schedule_phase(start: Optional[float]):
+  """Trace-time switch for reducers whose token counts follow a training schedule (EViT's
+  keep rate): inside it, they build the program for the phase of training that begins at
+  progress `start` (a Python float, one of `ReductionPlan.phase_starts()`, or 0.0).
+
+  Token counts must be static per compiled program, so a schedule is a few fixed phases and
+  the trainer compiles one train step per phase (the phase is a static argument of its jit).
+  Outside it (evaluation, or a training call outside the trainer) the final setting applies.
+  """
+  previous = _PHASE["start"]
+  _PHASE["start"] = None if start is None else float(start)
+  try:
+    yield
+  finally:
+    _PHASE["start"] = previous
+
+
+def current_phase() -> Optional[float]:
+  """The start of the training phase being traced (see `schedule_phase`), or None."""
+  return _PHASE["start"]
 
 
 def run_checked(fn: Callable, *args, **kwargs):
@@ -106,6 +130,7 @@ class ModelContext:
   dtype: Any = None
   param_dtype: Any = jnp.float32
   num_prefix: int = 0
+  class_token: Optional[bool] = None  # None: unknown (a reducer built outside a ViT)
 
   def dense(self, features, **kw) -> nn.Dense:
     return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
@@ -202,26 +227,32 @@ class TokenState:
         fields[name] = getattr(self, name)
     return fields
 
-  def gather(self, indices: jax.Array) -> "TokenState":
-    """Keeps tokens `indices` [B, K] (batched gather of every per-token field and carry)."""
-    moved = {name: take_tokens(a, indices) for name, a in self.per_token_fields().items()}
+  def map_tokens(self, fn: Callable[[jax.Array], jax.Array]) -> "TokenState":
+    """Applies `fn` to every per-token field and per-token carry (a gather or a slice)."""
+    moved = {name: fn(a) for name, a in self.per_token_fields().items()}
     carry = dict(self.carry)
     for key, _ in self.per_token:
-      carry[key] = take_tokens(carry[key], indices)
+      carry[key] = fn(carry[key])
     return self.replace(carry=carry, **moved)
 
-  def combine(self, weights: jax.Array, x: jax.Array, *, num_keep_prefix: Optional[int] = None
+  def gather(self, indices: jax.Array) -> "TokenState":
+    """Keeps tokens `indices` [B, K] (batched gather of every per-token field and carry)."""
+    return self.map_tokens(lambda a: take_tokens(a, indices))
+
+  def combine(self, weights: jax.Array, x: jax.Array, *, keep: Optional[jax.Array] = None
               ) -> "TokenState":
     """Replaces the unprotected tokens by learned ones: `x` [B, S, C] built with `weights`
     [B, S, T] over the T unprotected input tokens (rows need not sum to 1).
 
-    Protected tokens stay in front. The new tokens get ids LEARNED_ID, size = weights @ size,
-    source = weights @ source, and per-token carries with merge "sum" or "mean" are combined
-    the same way ("mean" normalised by the new size); "max"/"keep" carries cannot follow a
-    soft combination and are an error (pop them first). Masked or policy-weighted states are
-    refused: learned tokens have no single keep decision.
+    The protected tokens stay in front, followed by the tokens `keep` [B, K] (indices into
+    the whole sequence, protected ones included) when given (EViT keeps its attentive tokens
+    and fuses the rest), then the new ones. The new tokens get ids LEARNED_ID, size = weights
+    @ size, source = weights @ source, and per-token carries with merge "sum" or "mean" are
+    combined the same way ("mean" normalised by the new size); "max"/"keep" carries cannot
+    follow a soft combination and are an error (pop them first). Masked or policy-weighted
+    states are refused: learned tokens have no single keep decision.
     """
-    p = self.num_prefix if num_keep_prefix is None else num_keep_prefix
+    p = self.num_prefix
     if self.mask is not None or self.policy is not None:
       raise ValueError("combine: the token state has a mask or a keep policy; learned tokens "
                        "cannot inherit them")
@@ -229,10 +260,11 @@ class TokenState:
     w = weights.astype(jnp.float32)
     size_in = self.size[:, p:]
     new_size = jnp.einsum("bst,bt->bs", w, size_in)
-    cat = lambda pre, new: jnp.concatenate([pre[:, :p].astype(new.dtype), new], axis=1)
-    carry = dict(self.carry)
+    head = self.map_tokens(lambda a: a[:, :p]) if keep is None else self.gather(keep)
+    cat = lambda pre, new: jnp.concatenate([pre.astype(new.dtype), new], axis=1)
+    carry = dict(head.carry)
     for key, mode in self.per_token:
-      v = carry[key][:, p:].astype(jnp.float32)
+      v = self.carry[key][:, p:].astype(jnp.float32)
       if mode == "sum":
         new = jnp.einsum("bst,bt...->bs...", w, v)
       elif mode == "mean":
@@ -242,12 +274,12 @@ class TokenState:
       else:
         raise ValueError(f"combine: carry {key!r} merges by {mode!r}, which learned tokens "
                          "cannot follow; pop it before combining")
-      carry[key] = cat(carry[key], new.astype(carry[key].dtype))
+      carry[key] = cat(head.carry[key], new.astype(self.carry[key].dtype))
     source = None
     if self.source is not None:
-      source = cat(self.source, jnp.einsum("bst,btm->bsm", w, self.source[:, p:]))
-    ids = cat(self.ids, jnp.full((b, s), LEARNED_ID, jnp.int32))
-    return self.replace(x=cat(self.x, x), size=cat(self.size, new_size), ids=ids,
+      source = cat(head.source, jnp.einsum("bst,btm->bsm", w, self.source[:, p:]))
+    ids = cat(head.ids, jnp.full((b, s), LEARNED_ID, jnp.int32))
+    return self.replace(x=cat(head.x, x), size=cat(head.size, new_size), ids=ids,
                         source=source, carry=carry)
 
 
@@ -304,6 +336,12 @@ class Reducer(nn.Module):
       raise ValueError(f"token_reduction method {cls.method_name()!r} needs `layers`, "
                        "the block indices it runs at")
     return {int(i): dict(settings) for i in layers}
+
+  @classmethod
+  def phase_starts(cls, kwargs: Mapping[str, Any]) -> Tuple[float, ...]:
+    """Training progress fractions at which this configured layer's static shapes change
+    (see `schedule_phase`); none by default."""
+    return ()
 
   @classmethod
   def method_name(cls) -> str:
@@ -403,6 +441,11 @@ class ReductionPlan:
         pattern = pattern[1:] if pattern.startswith("^") else f"(.*/)?{pattern}"
         rules[(rf"(^|/){re.escape(p.name)}/{pattern}", tuple(spec))] = None
     return tuple(rules)
+
+  def phase_starts(self) -> Tuple[float, ...]:
+    """Sorted progress fractions in (0, 1) where a scheduled reducer changes token counts."""
+    starts = {s for p in self.entries() for s in p.cls.phase_starts(dict(p.kwargs))}
+    return tuple(sorted(s for s in starts if 0.0 < s < 1.0))
 
   def layer_decay_groups(self) -> Dict[str, str]:
     """{top-level parameter name: group} for embedding-level reducers."""

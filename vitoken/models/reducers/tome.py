@@ -12,6 +12,10 @@ Follows the reference code (facebookresearch/ToMe) exactly:
 - it runs between the attention and the MLP of a block, and proportional attention adds
   log(size) to the attention logits.
 
+After pruning (EViT, top-k, DynamicViT at inference) ToMe merges the survivors: pruned tokens
+are gathered away first, and sizes carry over (an EViT fused token's size is the attention
+mass it pools). A state with a mask or a soft keep policy is refused, naming the fix.
+
 Every shape is static: r per layer is fixed by the config, and matching and merging are
 batched gathers and scatters. Register tokens are protected like the class token (the
 reference predates them). The kth-element and random-split matchings of the reference
@@ -156,9 +160,15 @@ def merge(m: Matching, x, mode: str = "sum"):
 def merge_state(m: Matching, state: base.TokenState) -> base.TokenState:
   """Size-weighted average of tokens, summed sizes, max-merged sources, kept ids; per-token
   carried arrays merge by their own mode ("mean" is size-weighted like the tokens)."""
-  if state.mask is not None or state.policy is not None:
-    raise ValueError("tome: merging a masked or policy-weighted token state (pruned or padded "
-                     "tokens) is not supported")
+  if state.policy is not None:
+    raise ValueError(
+        "tome: the token state carries a keep policy (DynamicViT in training keeps every token "
+        "and weights attention by its keep decisions), which merging cannot follow. Merge "
+        "before DynamicViT, or prune with evit or topk, which gather in training too "
+        "(DynamicViT gathers at inference, where ToMe may follow it)")
+  if state.mask is not None:
+    raise ValueError("tome: the token state has a mask (tokens dropped or padded per example), "
+                     "which merging cannot follow; merging needs tokens gathered away first")
   size = state.size[..., None]
   new_size = merge(m, size, "sum")
 

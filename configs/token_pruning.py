@@ -16,7 +16,9 @@ Arguments (comma-separated):
             counts per phase: `levels` recompiles)
   levels    phases of the shrink schedule (default 4)
   tome      ToMe's r in the blocks after the last pruning block (evit_tome, topk_tome)
-  init      the dense run's workdir to fine-tune from (every method but dense)
+  init      a dense run's workdir to fine-tune from, as EViT and DynamicViT start from a
+            trained DeiT (without it a method trains from scratch; dense with init continues
+            training, the fair baseline for fine-tuned methods)
   teacher   the dense teacher's workdir (dynamicvit: token and logit distillation)
   steps     training steps (default 3000 dense, 1000 fine-tuning)
   runlocal  a seconds-long smoke run
@@ -70,12 +72,15 @@ def get_config(arg=None):
                               MODEL["depth"])
   if reduction is not None:
     c.model.token_reduction = reduction
-  dense = arg.method == "dense"
-  digits_recipe(c, total_steps=arg.steps or (3000 if dense else 1000), eval_every=1000)
-  if not dense:
-    if not arg.init:
-      raise ValueError(f"method={arg.method} fine-tunes a dense run: give init=<its workdir>")
+  digits_recipe(c, total_steps=arg.steps or (1000 if arg.init else 3000), eval_every=1000)
+  if arg.init:
     c.init_from.path = arg.init
+    if arg.method == "dynamicvit":
+      # The predictors start fresh and train at the full lr, the pretrained backbone at 0.01x
+      # (the reference's lr_scale).
+      c.init_from.exclude = r"(^|/)dynamicvit/"
+      c.optim.lr_scale = ((r"(^|/)dynamicvit/", 1.0), (".*", 0.01))
+      c.optim.lr = 2e-3
     # Fine-tuning, as EViT and DynamicViT start from a trained DeiT: a lower peak, short warmup.
     c.optim.lr = 5e-4
     c.schedule.warmup_steps = 100

@@ -3,7 +3,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 
@@ -61,6 +61,41 @@ def train_or_reuse(config, workdir: str) -> Dict:
     with open(path) as f:
       summary = json.load(f)
   return summary
+
+
+def load_run(workdir: str, token_reduction: Any = "config"):
+  """(model, params, config, info) of a finished run; `token_reduction` replaces the run's own
+  (None: dense), e.g. a training-free method applied to a dense model's params."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from vitoken import tasks  # pylint: disable=import-outside-toplevel
+  from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
+  from vitoken.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  config = ckpt_lib.load_run_config(workdir)
+  info = pipeline.dataset_info(config.data)
+  overrides = {} if token_reduction == "config" else {"token_reduction": token_reduction}
+  model = tasks.vit_from_config(config.model, info, overrides=overrides)
+  params = jax.tree.map(jnp.asarray, ckpt_lib.load_params(workdir))
+  return model, params, config, info
+
+
+def accuracy(predict: Callable, data_config, batch: int = 250) -> Tuple[float, int]:
+  """(top-1 accuracy, examples) of `predict(images) -> logits` over a whole eval split."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
+  correct = total = 0
+  for b in pipeline.eval_iterator(data_config, global_batch_size=batch):
+    pred = np.asarray(predict(b["image"])).argmax(-1)
+    correct += int(((pred == b["labels"]) & b["mask"]).sum())
+    total += int(b["mask"].sum())
+  return correct / max(total, 1), total
+
+
+def tokens_per_block(model, params, probe) -> str:
+  """Token counts entering each block and after the last ("65>65>9>9>9>9>9" style)."""
+  _, aux = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, probe)
+  counts = [int(v.shape[1]) for _, v in sorted(aux["blocks"].items())]
+  grid = [probe.shape[1 + i] // model.patch_size[i] for i in range(2)]
+  return ">".join(str(c) for c in [grid[0] * grid[1] + model.num_prefix] + counts)
 
 
 def markdown_table(rows: List[Dict], columns: Sequence[str]) -> str:

@@ -19,13 +19,10 @@ from typing import Dict, List, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import token_learners as configs  # noqa: E402
 from experiments import common  # noqa: E402
-from vitoken import tasks  # noqa: E402
-from vitoken.data import pipeline  # noqa: E402
 from vitoken.train import checkpoint as ckpt_lib  # noqa: E402
 
 # run name -> configs/token_learners.py argument
@@ -74,15 +71,6 @@ def train(run: str, workdir: str, small: bool, steps: Optional[int]) -> Dict:
   return common.train_or_reuse(run_config(run, small, steps), workdir)
 
 
-def tokens_per_block(model, params, probe) -> str:
-  """Token counts entering each block and after the last ("65>65>9>9>9>9>9" style)."""
-  _, aux = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, probe)
-  blocks = aux["blocks"]
-  counts = [int(v.shape[1]) for _, v in sorted(blocks.items())]
-  return ">".join(str(c) for c in [int(probe.shape[1] // model.patch_size[0]) ** 2
-                                   + model.num_prefix] + counts)
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workroot", default="/tmp/vitoken_token_learners")
@@ -111,25 +99,19 @@ def main(argv=None):
   for ev in (e for e in EVALS if e.run in runs):
     workdir = os.path.join(args.workroot, ev.run)
     config = ckpt_lib.load_run_config(workdir)
-    info = pipeline.dataset_info(config.data)
-    overrides = {}
+    reduction = "config"
     if ev.grid is not None:
-      overrides = {"token_reduction": dict(config.model.token_reduction.to_dict(), grid=ev.grid)}
-    model = tasks.vit_from_config(config.model, info, overrides=overrides)
-    params = jax.tree.map(jnp.asarray, ckpt_lib.load_params(workdir))
+      reduction = dict(config.model.token_reduction.to_dict(), grid=ev.grid)
+    model, params, config, info = common.load_run(workdir, reduction)
     predict = jax.jit(lambda x, m=model, p=params: m.apply({"params": p}, x)[0])
-    correct = total = 0
-    for batch in pipeline.eval_iterator(config.data, global_batch_size=250):
-      pred = np.asarray(predict(batch["image"]).argmax(-1))
-      correct += int(((pred == batch["labels"]) & batch["mask"]).sum())
-      total += int(batch["mask"].sum())
+    acc, total = common.accuracy(predict, config.data)
     probe = jnp.zeros((args.batch, *info.image_shape), jnp.float32)
     summary = summaries.get(ev.run, {})
     rows.append({"variant": ev.label, "run": ev.run, "config": RUNS[ev.run]
                  + ("" if ev.grid is None else f" (evaluated at grid={ev.grid})"),
-                 "tokens": tokens_per_block(model, params, probe),
+                 "tokens": common.tokens_per_block(model, params, probe),
                  "GFLOPs/img": common.flops(predict, probe) / args.batch / 1e9,
-                 "accuracy": correct / total, "examples": total,
+                 "accuracy": acc, "examples": total,
                  "train_s": summary.get("wall_time_s"), "train_steps": summary.get("final_step")})
     predicts[ev.label] = predict
     print(rows[-1], flush=True)

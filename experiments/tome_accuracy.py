@@ -15,7 +15,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import common  # noqa: E402
@@ -44,16 +43,12 @@ def main(argv=None):
       tome["inflection"] = float(inflection)
     config.eval_model_overrides = ml_collections.ConfigDict({"token_reduction": tome} if r else {})
     model = tasks.vit_from_config(config.model, info, overrides=config.eval_model_overrides)
-    predict = jax.jit(lambda x, m=model: m.apply({"params": params}, x)[0].argmax(-1))
-    correct = total = 0
-    for batch in pipeline.eval_iterator(config.data, global_batch_size=args.batch):
-      pred = np.asarray(predict(batch["image"]))
-      correct += int(((pred == batch["labels"]) & batch["mask"]).sum())
-      total += int(batch["mask"].sum())
+    predict = jax.jit(lambda x, m=model: m.apply({"params": params}, x)[0])
+    acc, total = common.accuracy(predict, config.data, batch=args.batch)
     probe = jnp.zeros((args.batch, *info.image_shape), jnp.float32)
     rows.append({"r": spec, "GFLOPs/img": common.flops(predict, probe) / args.batch / 1e9,
                  "img/s": common.throughput(predict, probe, batch=args.batch, iters=5),
-                 "accuracy": correct / total, "examples": total})
+                 "accuracy": acc, "examples": total})
     print(rows[-1], flush=True)
   dense = rows[0]
   for row in rows:

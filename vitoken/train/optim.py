@@ -63,6 +63,10 @@ def default_optim_config() -> ml_collections.ConfigDict:
       # None, or a regex searched in '/'-joined param paths: only matching params are updated
       # (a linear probe trains "^head/"); the others stay exactly as initialised or loaded.
       trainable_regex=config_dict.placeholder(str),
+      # ((regex, multiplier), ...): the lr of params whose path matches a regex (the first
+      # that does) is multiplied, e.g. DynamicViT fine-tunes its backbone at 0.01x the
+      # predictors' lr: ((r"(^|/)dynamicvit/", 1.0), (".*", 0.01)).
+      lr_scale=(),
   ))
 
 
@@ -328,6 +332,35 @@ def scale_by_layer_decay(layer_decay: float, depth: int,
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def _check_lr_scale(rules):
+  rules = settings_lib.plain(rules) or ()
+  if not isinstance(rules, (list, tuple)):
+    raise ValueError(f"optim config key 'lr_scale' must be ((regex, multiplier), ...), got {rules!r}")
+  compiled = []
+  for rule in rules:
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+      raise ValueError(f"optim config key 'lr_scale': each rule is (regex, multiplier), got {rule!r}")
+    regex, mult = rule
+    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult < 0:
+      raise ValueError(f"optim config key 'lr_scale': multiplier for {regex!r} must be >= 0, "
+                       f"got {mult!r}")
+    compiled.append((_compile_regex(regex, "lr_scale"), float(mult)))
+  return compiled
+
+
+def scale_by_lr_rules(rules) -> optax.GradientTransformation:
+  """Multiplies each update by its `lr_scale` multiplier (recomputed from the update tree's
+  paths at trace time, as `scale_by_layer_decay`)."""
+  compiled = _check_lr_scale(rules)
+
+  def update_fn(updates, state, params=None):
+    del params
+    first = lambda name: next((m for pattern, m in compiled if pattern.search(name)), 1.0)
+    return _map_with_names(lambda name, u: u * first(name), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def scale_by_trust_ratio_per_layer() -> optax.GradientTransformation:
   """optax.scale_by_trust_ratio (LAMB), but per layer slice for scanned `blocks` leaves.
 
@@ -384,6 +417,8 @@ def make_optimizer(optim_config, schedule_config, params, total_steps: int, *,
                     which would otherwise cancel it) are multiplied by
                     layer_decay ** (depth + 1 - layer_id), before the lr; `depth` is inferred
                     from `params` unless given.
+    lr_scale:       ((regex, multiplier), ...): updates are multiplied by the first matching
+                    rule's multiplier (1 where none matches), before the lr.
     trainable_regex: updates of params whose path it does not match are zeroed last.
 
   `params` is only read for its structure (weight-decay mask check, depth), so abstract
@@ -443,6 +478,13 @@ def make_optimizer(optim_config, schedule_config, params, total_steps: int, *,
     # Validates the tree now (unknown top-level names, depth) rather than at the first step.
     layer_decay_multipliers(params, layer_decay, depth, groups)
     chain.append(scale_by_layer_decay(layer_decay, _resolve_depth(params, depth), groups))
+  lr_rules = _check_lr_scale(cfg["lr_scale"])
+  if lr_rules:
+    for pattern, _ in lr_rules:
+      if not any(jax.tree.leaves(_map_with_names(lambda n, _, p=pattern: bool(p.search(n)), params))):
+        raise ValueError(f"optim config key 'lr_scale': regex {pattern.pattern!r} matches no "
+                         "parameter")
+    chain.append(scale_by_lr_rules(cfg["lr_scale"]))
   if trainable is not None:
     chain.append(freeze_untrainable(trainable))
   chain.append(optax.scale_by_learning_rate(schedule))

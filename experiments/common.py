@@ -98,6 +98,45 @@ def tokens_per_block(model, params, probe) -> str:
   return ">".join(str(c) for c in [grid[0] * grid[1] + model.num_prefix] + counts)
 
 
+COST_COLUMNS = ["variant", "tokens", "GFLOPs/img", "FLOPs vs dense", "img/s (min-max)",
+                "x dense img/s", "accuracy", "Δ acc (points)"]
+
+
+def compare_to_dense(rows: List[Dict], speed: Dict[str, Dict[str, float]], dense: Dict) -> str:
+  """Adds images/s (from `interleaved_throughput`, keyed by each row's "variant") and the
+  ratios to the `dense` row to every row; returns the markdown table of COST_COLUMNS."""
+  dense_speed = speed[dense["variant"]]["median"]
+  for row in rows:
+    s = speed[row["variant"]]
+    row.update({"img/s": s["median"], "img/s min": s["min"], "img/s max": s["max"],
+                "x dense img/s": s["median"] / dense_speed,
+                "FLOPs vs dense": row["GFLOPs/img"] / dense["GFLOPs/img"],
+                "Δ acc (points)": 100 * (row["accuracy"] - dense["accuracy"])})
+    row["img/s (min-max)"] = f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
+  return markdown_table(rows, COST_COLUMNS)
+
+
+def plot_accuracy_vs_cost(rows: List[Dict], path: str, title: str,
+                          marker: Callable[[Dict], str], label: Callable[[Dict], str]) -> None:
+  """Test accuracy against GFLOPs and against images/s, one point per row."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, xlabel in ((axes[0], "GFLOPs/img", "GFLOPs / image (XLA, 2 per MAC)"),
+                          (axes[1], "img/s", "images / s (inference, median)")):
+    for row in rows:
+      ax.plot(row[key], 100 * row["accuracy"], marker(row), markersize=6)
+      ax.annotate(label(row), (row[key], 100 * row["accuracy"]), fontsize=6,
+                  textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def markdown_table(rows: List[Dict], columns: Sequence[str]) -> str:
   def fmt(v):
     return f"{v:,.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:,.0f}" if isinstance(v, float) else str(v))

@@ -119,17 +119,7 @@ def main(argv=None):
   speed = common.interleaved_throughput(predicts, probe, batch=args.batch, windows=args.windows,
                                         iters=args.iters)
   dense = next((r for r in rows if r["run"] == "dense"), rows[0])
-  dense_speed = speed[dense["variant"]]["median"]
-  for row in rows:
-    s = speed[row["variant"]]
-    row.update({"img/s": s["median"], "img/s min": s["min"], "img/s max": s["max"],
-                "x dense img/s": s["median"] / dense_speed,
-                "FLOPs vs dense": row["GFLOPs/img"] / dense["GFLOPs/img"],
-                "Δ acc (points)": 100 * (row["accuracy"] - dense["accuracy"])})
-    row["img/s (min-max)"] = f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
-  columns = ["variant", "tokens", "GFLOPs/img", "FLOPs vs dense", "img/s (min-max)",
-             "x dense img/s", "accuracy", "Δ acc (points)"]
-  table = common.markdown_table(rows, columns)
+  table = common.compare_to_dense(rows, speed, dense)
   print(table)
   meta = {"device": common.device_name(), "workroot": os.path.abspath(args.workroot),
           "small": args.small, "steps": args.steps, "timed_batch": args.batch,
@@ -144,25 +134,10 @@ MARKERS = {"dense": "s", "tl": "o", "fuser": "^", "lookup": "D"}
 
 
 def _plot(rows, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, key, label in ((axes[0], "GFLOPs/img", "GFLOPs / image (XLA, 2 per MAC)"),
-                         (axes[1], "img/s", "images / s (inference, median)")):
-    for row in rows:
-      family = next(k for k in MARKERS if row["run"].startswith(k))
-      marker = MARKERS[family]
-      ax.plot(row[key], 100 * row["accuracy"], marker, markersize=6)
-      ax.annotate(row["variant"].replace("TokenLearner", "TL").replace("LookupViT", "LV"),
-                  (row[key], 100 * row["accuracy"]), fontsize=6, textcoords="offset points",
-                  xytext=(3, 3))
-    ax.set_xlabel(label)
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-  fig.suptitle("Token learners vs dense ViT on cluttered digits (64 patch tokens, 6 blocks)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  common.plot_accuracy_vs_cost(
+      rows, path, "Token learners vs dense ViT on cluttered digits (64 patch tokens, 6 blocks)",
+      marker=lambda row: next(m for k, m in MARKERS.items() if row["run"].startswith(k)),
+      label=lambda row: row["variant"].replace("TokenLearner", "TL").replace("LookupViT", "LV"))
 
 
 if __name__ == "__main__":

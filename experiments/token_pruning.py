@@ -136,17 +136,7 @@ def main(argv=None):
   speed = common.interleaved_throughput(predicts, probe, batch=args.batch, windows=args.windows,
                                         iters=args.iters)
   dense = rows[0]
-  dense_speed = speed[dense["variant"]]["median"]
-  for row in rows:
-    s = speed[row["variant"]]
-    row.update({"img/s": s["median"], "img/s min": s["min"], "img/s max": s["max"],
-                "x dense img/s": s["median"] / dense_speed,
-                "FLOPs vs dense": row["GFLOPs/img"] / dense["GFLOPs/img"],
-                "Δ acc (points)": 100 * (row["accuracy"] - dense["accuracy"])})
-    row["img/s (min-max)"] = f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
-  columns = ["variant", "tokens", "GFLOPs/img", "FLOPs vs dense", "img/s (min-max)",
-             "x dense img/s", "accuracy", "Δ acc (points)"]
-  table = common.markdown_table(rows, columns)
+  table = common.compare_to_dense(rows, speed, dense)
   print(table)
   base = common.run_config(configs.get_config, "method=dense", args.small, args.steps)
   meta = {"device": common.device_name(), "workroot": os.path.abspath(args.workroot),
@@ -172,23 +162,10 @@ MARKERS = {"dense": "s", "top-k": "v", "EViT": "o", "DynamicViT": "D"}
 
 
 def _plot(rows, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, key, label in ((axes[0], "GFLOPs/img", "GFLOPs / image (XLA, 2 per MAC)"),
-                         (axes[1], "img/s", "images / s (inference, median)")):
-    for row in rows:
-      marker = next((m for k, m in MARKERS.items() if row["variant"].startswith(k)), "x")
-      ax.plot(row[key], 100 * row["accuracy"], marker, markersize=6)
-      ax.annotate(row["variant"].split(" (")[0], (row[key], 100 * row["accuracy"]), fontsize=6,
-                  textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel(label)
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-  fig.suptitle("Token pruning vs dense ViT on cluttered digits (64 patch tokens, 8 blocks)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  common.plot_accuracy_vs_cost(
+      rows, path, "Token pruning vs dense ViT on cluttered digits (64 patch tokens, 8 blocks)",
+      marker=lambda row: next((m for k, m in MARKERS.items() if row["variant"].startswith(k)), "x"),
+      label=lambda row: row["variant"].split(" (")[0])
 
 
 if __name__ == "__main__":

@@ -42,8 +42,11 @@ def check_keep_rate(rate, method: str) -> float:
   return float(rate)
 
 
-def _layers(depth: int, layers: Optional[Sequence[int]]) -> Tuple[int, ...]:
-  return default_layers(depth) if layers is None else tuple(int(i) for i in layers)
+def _layers(depth: int, layers: Optional[Sequence[int]], method: str) -> Tuple[int, ...]:
+  chosen = default_layers(depth) if layers is None else tuple(int(i) for i in layers)
+  if len(set(chosen)) != len(chosen):
+    raise ValueError(f"{method}: layers {list(chosen)} repeat a block")
+  return chosen
 
 
 def keep_rate_at(progress: float, rate: float, start: float, end: float) -> float:
@@ -90,7 +93,7 @@ class TopK(base.Reducer):
   def layer_settings(cls, depth: int, keep_rate: Optional[float] = None,
                      k: Union[None, int, Sequence[int]] = None,
                      layers: Optional[Sequence[int]] = None):
-    chosen = _layers(depth, layers)
+    chosen = _layers(depth, layers, "topk")
     if (keep_rate is None) == (k is None):
       raise ValueError("topk: give exactly one of keep_rate (a fraction of the tokens present) "
                        "and k (a token count)")
@@ -162,7 +165,7 @@ class EViT(TopK):
       if isinstance(shrink_levels, bool) or int(shrink_levels) != shrink_levels or shrink_levels < 1:
         raise ValueError(f"evit: shrink_levels must be a positive integer, got {shrink_levels!r}")
       settings.update(shrink=(start, end), shrink_levels=int(shrink_levels))
-    return {i: dict(settings) for i in _layers(depth, layers)}
+    return {i: dict(settings) for i in _layers(depth, layers, "evit")}
 
   @classmethod
   def phase_starts(cls, kwargs):
@@ -179,7 +182,8 @@ class EViT(TopK):
     if phase < start or phase >= end:
       return keep_rate_at(phase, self.keep_rate, start, end)
     width = (end - start) / self.shrink_levels
-    return keep_rate_at(phase + width / 2, self.keep_rate, start, end)
+    # Rounded so float noise (0.7500000000000001) never adds a token through the ceil.
+    return round(keep_rate_at(phase + width / 2, self.keep_rate, start, end), 9)
 
 
 class KeepPredictor(nn.Module):
@@ -229,7 +233,7 @@ class DynamicViT(base.Reducer):
   def layer_settings(cls, depth: int, keep_rate: float = 0.7, layers: Optional[Sequence[int]] = None,
                      ratio_weight: float = 2.0):
     rate = check_keep_rate(keep_rate, "dynamicvit")
-    chosen = _layers(depth, layers)
+    chosen = sorted(_layers(depth, layers, "dynamicvit"))  # ρ, ρ², ... in block order
     if ratio_weight < 0:
       raise ValueError(f"dynamicvit: ratio_weight must be >= 0, got {ratio_weight}")
     # Hierarchical targets ρ, ρ², ρ³, ...; the ratio loss is averaged over the stages.

@@ -116,6 +116,15 @@ def compare_to_dense(rows: List[Dict], speed: Dict[str, Dict[str, float]], dense
   return markdown_table(rows, COST_COLUMNS)
 
 
+def cost_meta(args, model_config) -> Dict[str, Any]:
+  """What a cost table's numbers depend on: device, workroot, steps, timing and FLOPs method."""
+  return {"device": device_name(), "workroot": os.path.abspath(args.workroot),
+          "small": args.small, "steps": args.steps, "timed_batch": args.batch,
+          "windows": args.windows, "iters_per_window": args.iters,
+          "flops": "XLA cost analysis of the jitted inference, 2 per multiply-add",
+          "model": model_config.to_dict(), "jax": jax.__version__}
+
+
 def plot_accuracy_vs_cost(rows: List[Dict], path: str, title: str,
                           marker: Callable[[Dict], str], label: Callable[[Dict], str]) -> None:
   """Test accuracy against GFLOPs and against images/s, one point per row."""

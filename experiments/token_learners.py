@@ -121,11 +121,7 @@ def main(argv=None):
   dense = next((r for r in rows if r["run"] == "dense"), rows[0])
   table = common.compare_to_dense(rows, speed, dense)
   print(table)
-  meta = {"device": common.device_name(), "workroot": os.path.abspath(args.workroot),
-          "small": args.small, "steps": args.steps, "timed_batch": args.batch,
-          "windows": args.windows, "iters_per_window": args.iters,
-          "flops": "XLA cost analysis of the jitted inference, 2 per multiply-add",
-          "model": run_config("dense", args.small, args.steps).model.to_dict(), "jax": jax.__version__}
+  meta = common.cost_meta(args, run_config("dense", args.small, args.steps).model)
   common.write_results(args.out, "token_learners", rows, table, meta)
   _plot(rows, os.path.join(args.out, "token_learners.png"))
 

@@ -139,12 +139,8 @@ def main(argv=None):
   table = common.compare_to_dense(rows, speed, dense)
   print(table)
   base = common.run_config(configs.get_config, "method=dense", args.small, args.steps)
-  meta = {"device": common.device_name(), "workroot": os.path.abspath(args.workroot),
-          "small": args.small, "steps": args.steps, "timed_batch": args.batch,
-          "windows": args.windows, "iters_per_window": args.iters,
-          "flops": "XLA cost analysis of the jitted inference, 2 per multiply-add",
-          "model": base.model.to_dict(), "jax": jax.__version__,
-          "train_s": {run: s.get("wall_time_s") for run, s in summaries.items()}}
+  meta = dict(common.cost_meta(args, base.model), finetune_steps=args.finetune_steps,
+              train_s={run: s.get("wall_time_s") for run, s in summaries.items()})
   common.write_results(args.out, "token_pruning", rows, table, meta)
   _plot(rows, os.path.join(args.out, "token_pruning.png"))
   _save_pictures(pictures, os.path.join(args.out, "token_pruning_survivors.png"))

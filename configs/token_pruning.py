@@ -80,7 +80,6 @@ def get_config(arg=None):
       # (the reference's lr_scale).
       c.init_from.exclude = r"(^|/)dynamicvit/"
       c.optim.lr_scale = ((r"(^|/)dynamicvit/", 1.0), (".*", 0.01))
-      c.optim.lr = 2e-3
     # Fine-tuning, as EViT and DynamicViT start from a trained DeiT: a lower peak, short warmup.
     c.optim.lr = 5e-4
     c.schedule.warmup_steps = 100

@@ -70,10 +70,10 @@ EVALS = [
 
 
 def traced(reduction):
-  """The same token_reduction with ToMe tracing which patches each token holds (pictures)."""
+  """The same token_reduction tracing which patches each token holds (for the pictures)."""
   if isinstance(reduction, (list, tuple)):
     return [traced(r) for r in reduction]
-  if isinstance(reduction, dict) and reduction.get("method") == "tome":
+  if isinstance(reduction, dict) and reduction.get("method") in ("tome", "topk", "evit", "dynamicvit"):
     return dict(reduction, trace_source=True)
   return reduction
 

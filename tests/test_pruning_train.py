@@ -65,18 +65,18 @@ def test_each_method_learns(name):
 
 
 def test_evit_shrink_schedule_compiles_one_train_step_per_phase(tmp_path):
-  c = token_pruning.get_config("method=evit,keep=0.5,shrink=0.25/0.75,levels=2,runlocal")
-  c.model.update(width=16, depth=2, mlp_dim=32)  # small: five compiles
+  c = token_pruning.get_config("method=evit,keep=0.5,shrink=0.25/0.75,levels=1,runlocal")
+  c.model.update(width=16, depth=2, mlp_dim=32)  # small: three compiles
   c.model.token_reduction.layers = [1]
-  c.total_steps = 8
-  c.eval_every_steps = c.checkpoint.every_steps = 8
+  c.total_steps = 4
+  c.eval_every_steps = c.checkpoint.every_steps = 4
   c.progress_bar = False
   t = trainer.Trainer(c, str(tmp_path / "run"))
-  assert t.phase_starts == (0.25, 0.5, 0.75)
-  assert [t.phase(s) for s in range(8)] == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75]
+  assert t.phase_starts == (0.25, 0.75)
+  assert [t.phase(s) for s in range(4)] == [0.0, 0.25, 0.25, 0.75]
   t.run()
-  # Keep everything, then the two mid-phase cosine values, then ρ: four static programs.
-  assert t.train_step._cache_size() == 4
+  # Keep everything, then the mid-phase cosine value, then ρ: three static programs.
+  assert t.train_step._cache_size() == 3
 
 
 def test_phase_sets_the_token_counts_of_the_traced_program():

@@ -359,7 +359,7 @@ class VisionTransformer(nn.Module):
   def _encode(self, state, plan, train, run):
     block_kw = dict(
         context=self.context(), num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
-        proportional_attention=plan.proportional_attention, dropout=self.dropout,
+        dropout=self.dropout,
         layer_scale_init=self.layer_scale_init, qkv_bias=self.qkv_bias,
         gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
         attention_impl=self.attention_impl, return_attention=self.return_attention,
@@ -377,14 +377,16 @@ class VisionTransformer(nn.Module):
       split = {"params": True, "dropout": True, **{s: True for s in plan.rng_streams}}
       blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs=split,
                        in_axes=(0, 0, nn.broadcast), length=self.depth)
-      return blocks(layer=None, reducers=plan.at(0), name="blocks", **block_kw)(
+      # Every scanned layer runs the same reducers, so sizes are all 1 until the first acts.
+      return blocks(layer=None, reducers=plan.at(0), name="blocks",
+                    proportional_attention=plan.proportional_attention, **block_kw)(
           state, jnp.asarray(rates, jnp.float32), jnp.arange(self.depth, dtype=jnp.int32), run)
 
     outs = {}
     for i in range(self.depth):
       state, outs[_block_name(i)] = block_cls(
-          layer=i, reducers=plan.at(i), drop_path_rate=rates[i], name=_block_name(i),
-          **block_kw)(state, None, None, run)
+          layer=i, reducers=plan.at(i), proportional_attention=plan.proportional_at(i),
+          drop_path_rate=rates[i], name=_block_name(i), **block_kw)(state, None, None, run)
     return state, outs
 
   def _pool(self, x, state):

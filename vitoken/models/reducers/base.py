@@ -409,8 +409,15 @@ class ReductionPlan:
   per_layer: Tuple[Tuple[PlannedReducer, ...], ...]
   embed: Tuple[PlannedReducer, ...] = ()  # embedding-level (pre_posemb) reducers
   proportional_attention: bool = False
+  # The first block whose attention adds log(size): the first one a proportional reducer can
+  # have changed sizes for (its layer when it acts before the block, the next one otherwise).
+  # Earlier blocks run as without it, so e.g. EViT's blocks stay exact before ToMe starts.
+  proportional_from: int = 0
   track_source: bool = False
   rng_streams: FrozenSet[str] = frozenset()
+
+  def proportional_at(self, layer: int) -> bool:
+    return self.proportional_attention and layer >= self.proportional_from
 
   def at(self, layer: int, stage: Optional[str] = None) -> Tuple[PlannedReducer, ...]:
     return tuple(p for p in self.per_layer[layer] if stage is None or p.acts_at(stage))
@@ -472,6 +479,7 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
   per_layer: List[List[PlannedReducer]] = [[] for _ in range(depth)]
   embed: List[PlannedReducer] = []
   flags = {"proportional_attention": False, "track_source": False, "rng_streams": frozenset()}
+  proportional_from = depth
   for entry in specs:
     if not isinstance(entry, Mapping) or "method" not in entry:
       raise ValueError(f"each token_reduction entry needs a 'method' key, got {entry!r}")
@@ -486,7 +494,11 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
       raise ValueError(f"token_reduction entry name {name!r} must be an identifier")
     _check_settings(cls, settings)
+    entry_flags = cls.plan_flags(settings)
     for layer, kwargs in cls.layer_settings(depth, **settings).items():
+      if entry_flags.get("proportional_attention"):
+        sees = layer == EMBED_LAYER or PRE_BLOCK in cls.stages
+        proportional_from = min(proportional_from, max(layer, 0) if sees else layer + 1)
       planned = PlannedReducer(cls, name, tuple(sorted(kwargs.items())))
       if layer == EMBED_LAYER:
         if PRE_POSEMB not in cls.stages:
@@ -506,7 +518,7 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
         raise ValueError(f"two token_reduction entries named {name!r} act at {where}; give each "
                          "a distinct `name` (it names the parameters and carried arrays)")
       target.append(planned)
-    for key, on in cls.plan_flags(settings).items():
+    for key, on in entry_flags.items():
       flags[key] = flags[key] | on if key == "rng_streams" else (flags[key] or on)
   for p in (p for layer in per_layer for p in layer):
     attends = set(p.cls.stages) & {POST_ATTN, POST_BLOCK}
@@ -514,7 +526,7 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
       raise ValueError(f"token_reduction {p.cls.method_name()!r} needs {sorted(p.cls.needs)}, "
                        f"which the attention computes, but it acts only at {p.cls.stages}")
   return ReductionPlan(depth=depth, per_layer=tuple(tuple(p) for p in per_layer),
-                       embed=tuple(embed), **flags)
+                       embed=tuple(embed), proportional_from=proportional_from, **flags)
 
 
 def _check_settings(cls, settings):

@@ -49,6 +49,11 @@ def _layers(depth: int, layers: Optional[Sequence[int]], method: str) -> Tuple[i
   return chosen
 
 
+def _with_trace_source(flags, settings):
+  """`trace_source=True` keeps TokenState.source, so pictures tell fused patches from pruned."""
+  return dict(flags, track_source=flags["track_source"] or bool(settings.get("trace_source")))
+
+
 def keep_rate_at(progress: float, rate: float, start: float, end: float) -> float:
   """EViT's `adjust_keep_rate` in fractions of training: 1 before `start`, then a cosine from
   1 down to `rate` at `end`, then `rate`."""
@@ -90,9 +95,13 @@ class TopK(base.Reducer):
   needs = frozenset({base.CLS_ATTN})
 
   @classmethod
+  def plan_flags(cls, settings):
+    return _with_trace_source(super().plan_flags(settings), settings)
+
+  @classmethod
   def layer_settings(cls, depth: int, keep_rate: Optional[float] = None,
                      k: Union[None, int, Sequence[int]] = None,
-                     layers: Optional[Sequence[int]] = None):
+                     layers: Optional[Sequence[int]] = None, trace_source: bool = False):
     chosen = _layers(depth, layers, "topk")
     if (keep_rate is None) == (k is None):
       raise ValueError("topk: give exactly one of keep_rate (a fraction of the tokens present) "
@@ -155,7 +164,7 @@ class EViT(TopK):
   @classmethod
   def layer_settings(cls, depth: int, keep_rate: float = 0.7, layers: Optional[Sequence[int]] = None,
                      fuse_token: bool = True, shrink: Optional[Sequence[float]] = None,
-                     shrink_levels: int = 4):
+                     shrink_levels: int = 4, trace_source: bool = False):
     settings = {"keep_rate": check_keep_rate(keep_rate, "evit"), "fuse_token": bool(fuse_token)}
     if shrink is not None:
       start, end = (float(v) for v in shrink)
@@ -230,8 +239,12 @@ class DynamicViT(base.Reducer):
   stages = (base.PRE_BLOCK,)
 
   @classmethod
+  def plan_flags(cls, settings):
+    return _with_trace_source(super().plan_flags(settings), settings)
+
+  @classmethod
   def layer_settings(cls, depth: int, keep_rate: float = 0.7, layers: Optional[Sequence[int]] = None,
-                     ratio_weight: float = 2.0):
+                     ratio_weight: float = 2.0, trace_source: bool = False):
     rate = check_keep_rate(keep_rate, "dynamicvit")
     chosen = sorted(_layers(depth, layers, "dynamicvit"))  # ρ, ρ², ... in block order
     if ratio_weight < 0:

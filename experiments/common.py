@@ -55,12 +55,7 @@ def run_config(get_config, arg: str, small: bool, steps: Optional[int] = None):
 def train_or_reuse(config, workdir: str) -> Dict:
   """Trains (or resumes) one run; its saved summary when it had already finished."""
   from vitoken.train import trainer  # pylint: disable=import-outside-toplevel
-  summary = trainer.run(config, workdir)
-  path = os.path.join(workdir, "summary.json")
-  if summary.get("steps_run", 0) == 0 and os.path.exists(path):
-    with open(path) as f:
-      summary = json.load(f)
-  return summary
+  return trainer.run(config, workdir)
 
 
 def load_run(workdir: str, token_reduction: Any = "config"):

@@ -89,6 +89,9 @@ def test_resume_continues_and_matches_uninterrupted_run(tmp_path, monkeypatch):
   assert summary["start_step"] == 8 and summary["steps_run"] == 4
   np.testing.assert_allclose(losses(part), losses(full), atol=1e-5)
   assert [r["step"] for r in read_jsonl(str(part / "metrics.jsonl")) if r["split"] == "train"] == list(range(1, 13))
+  # Running the finished run again trains nothing and keeps the summary it wrote.
+  again = trainer.run(smoke_config(mesh=dict(data=2, fsdp=2, tensor=2)), str(part))
+  assert again["steps_run"] == 4 and again["wall_time_s"] == pytest.approx(summary["wall_time_s"])
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):

@@ -460,6 +460,12 @@ def _encode_record(record: Dict[str, Any]) -> Dict[str, Any]:
   return {k: _encode_json_value(v) for k, v in record.items()}
 
 
+def read_summary(workdir) -> Optional[Dict[str, Any]]:
+  """{workdir}/summary.json, or None when the run has not finished yet."""
+  path = epath.Path(workdir) / SUMMARY_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def write_summary(workdir, summary: Dict[str, Any]) -> str:
   """Writes {workdir}/summary.json atomically (numpy/jax scalars become numbers); its path."""
   directory = epath.Path(workdir)

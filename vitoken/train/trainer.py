@@ -337,6 +337,11 @@ class Trainer:
       logger.close()
 
     wall = time.time() - t_start
+    if steps_run == 0:
+      # Already finished: its summary (training time, metrics) stays as the run wrote it.
+      saved = metrics_lib.read_summary(self.workdir)
+      if saved is not None:
+        return saved
     summary = {
         "task": self.task.task_name, "headline": self.task.headline,
         "final_step": c.total_steps, "start_step": start_step, "train": train_metrics,

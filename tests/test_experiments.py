@@ -64,7 +64,7 @@ def test_masked_modeling_pretrains_fine_tunes_probes_and_times(tmp_path):
 
 
 def test_token_pruning_fine_tunes_evaluates_and_times_every_variant(tmp_path):
-  runs = ["dense", "dense_ft", "evit70", "dynamicvit70"]
+  runs = ["dense", "dense_ft", "dynamicvit70"]  # EViT's counts and numbers: tests/test_pruning.py
   token_pruning.main(["--small", "--runs", ",".join(runs), "--workroot", str(tmp_path / "runs"),
                       "--batch", "8", "--windows", "2", "--iters", "1",
                       "--out", str(tmp_path / "out")])
@@ -72,10 +72,9 @@ def test_token_pruning_fine_tunes_evaluates_and_times_every_variant(tmp_path):
   assert list(rows) == [e.label for e in token_pruning.EVALS if e.run in runs]
   assert all(r["examples"] == 256 and r["img/s"] > 0 for r in rows.values())
   # Token counts entering each block and after the last, from 64 patches plus the class token:
-  # EViT keeps ceil(0.7 n) at blocks 2, 4, 6 plus a fused token; DynamicViT int(64 ρ^i);
-  # top-k ceil(0.5 n); the combination prunes twice, then merges 4 a block from block 5.
+  # DynamicViT keeps int(64 ρ^i) at blocks 2, 4, 6; top-k ceil(0.5 n); the combination prunes
+  # ceil(0.7 n) twice, then merges 4 a block from block 5.
   assert rows["dense (fine-tuned as the others)"]["tokens"] == ">".join(["65"] * 9)
-  assert rows["EViT ρ=0.7"]["tokens"] == "65>65>65>47>47>35>35>26>26"
   assert rows["DynamicViT ρ=0.7"]["tokens"] == "65>65>65>45>45>32>32>22>22"
   assert rows["top-k ρ=0.5 (training-free)"]["tokens"] == "65>65>65>33>33>17>17>9>9"
   assert rows["top-k ρ=0.7 at 2, 4 then ToMe r=4 (training-free)"]["tokens"] == (

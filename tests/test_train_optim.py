@@ -460,7 +460,8 @@ def test_default_configs():
   o, s = optim.default_optim_config(), optim.default_schedule_config()
   assert o.to_dict() == dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
                              nesterov=False, weight_decay=0.0, decay_regex=r"(^|/)kernel$",
-                             clip_grad_norm=None, layer_decay=None, trainable_regex=None)
+                             clip_grad_norm=None, layer_decay=None, trainable_regex=None,
+                             lr_scale=())
   assert s.to_dict() == dict(warmup_steps=0, decay="cosine", end_factor=0.0,
                              warmup_init_factor=0.0)
   o.clip_grad_norm, o.layer_decay = 1.0, 0.75  # placeholders take floats

@@ -85,6 +85,19 @@ def accuracy(predict: Callable, data_config, batch: int = 250) -> Tuple[float, i
   return correct / max(total, 1), total
 
 
+def evaluate_run(model, params, config, info, batch: int, summary: Dict):
+  """The cost-table fields of one model (tokens per block, GFLOPs/img, test accuracy, its
+  training time) with its jitted `predict` and the timing `probe` batch."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  predict = jax.jit(lambda x: model.apply({"params": params}, x)[0])
+  acc, total = accuracy(predict, config.data)
+  probe = jnp.zeros((batch, *info.image_shape), jnp.float32)
+  fields = {"tokens": tokens_per_block(model, params, probe),
+            "GFLOPs/img": flops(predict, probe) / batch / 1e9, "accuracy": acc, "examples": total,
+            "train_s": summary.get("wall_time_s"), "train_steps": summary.get("final_step")}
+  return fields, predict, probe
+
+
 def tokens_per_block(model, params, probe) -> str:
   """Token counts entering each block and after the last ("65>65>9>9>9>9>9" style)."""
   _, aux = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, probe)

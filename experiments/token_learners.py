@@ -16,8 +16,6 @@ import os
 import sys
 from typing import Dict, List, NamedTuple, Optional
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,16 +101,10 @@ def main(argv=None):
     if ev.grid is not None:
       reduction = dict(config.model.token_reduction.to_dict(), grid=ev.grid)
     model, params, config, info = common.load_run(workdir, reduction)
-    predict = jax.jit(lambda x, m=model, p=params: m.apply({"params": p}, x)[0])
-    acc, total = common.accuracy(predict, config.data)
-    probe = jnp.zeros((args.batch, *info.image_shape), jnp.float32)
-    summary = summaries.get(ev.run, {})
+    fields, predict, probe = common.evaluate_run(model, params, config, info, args.batch,
+                                                 summaries.get(ev.run, {}))
     rows.append({"variant": ev.label, "run": ev.run, "config": RUNS[ev.run]
-                 + ("" if ev.grid is None else f" (evaluated at grid={ev.grid})"),
-                 "tokens": common.tokens_per_block(model, params, probe),
-                 "GFLOPs/img": common.flops(predict, probe) / args.batch / 1e9,
-                 "accuracy": acc, "examples": total,
-                 "train_s": summary.get("wall_time_s"), "train_steps": summary.get("final_step")})
+                 + ("" if ev.grid is None else f" (evaluated at grid={ev.grid})"), **fields})
     predicts[ev.label] = predict
     print(rows[-1], flush=True)
 

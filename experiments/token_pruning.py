@@ -18,8 +18,6 @@ import os
 import sys
 from typing import Dict, List, NamedTuple, Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,9 +110,8 @@ def main(argv=None):
   for ev in (e for e in EVALS if e.run in chosen):
     workdir = os.path.join(args.workroot, ev.run)
     model, params, config, info = common.load_run(workdir, ev.reduction)
-    predict = jax.jit(lambda x, m=model, p=params: m.apply({"params": p}, x)[0])
-    acc, total = common.accuracy(predict, config.data)
-    probe = jnp.zeros((args.batch, *info.image_shape), jnp.float32)
+    fields, predict, probe = common.evaluate_run(model, params, config, info, args.batch,
+                                                 summaries.get(ev.run, {}))
     if image is None:
       image = next(iter(pipeline.eval_iterator(config.data, global_batch_size=8)))["image"][:1]
     _, aux = model.clone(token_reduction=traced(model.token_reduction)).apply({"params": params}, image)
@@ -122,14 +119,9 @@ def main(argv=None):
         image[0], num_prefix=model.num_prefix, grid=aux["state"].grid,
         ids=np.asarray(aux["state"].ids[0]),
         source=None if aux["state"].source is None else np.asarray(aux["state"].source[0]))))
-    summary = summaries.get(ev.run, {})
     rows.append({"variant": ev.label, "run": ev.run,
                  "config": runs("<workroot>")[ev.run] if ev.reduction == "config"
-                 else f"{runs('<workroot>')[ev.run]} evaluated with {ev.reduction}",
-                 "tokens": common.tokens_per_block(model, params, probe),
-                 "GFLOPs/img": common.flops(predict, probe) / args.batch / 1e9,
-                 "accuracy": acc, "examples": total,
-                 "train_s": summary.get("wall_time_s"), "train_steps": summary.get("final_step")})
+                 else f"{runs('<workroot>')[ev.run]} evaluated with {ev.reduction}", **fields})
     predicts[ev.label] = predict
     print(rows[-1], flush=True)
 

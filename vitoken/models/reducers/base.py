@@ -349,9 +349,11 @@ class Reducer(nn.Module):
 
   @classmethod
   def plan_flags(cls, settings: Mapping[str, Any]) -> Dict[str, Any]:
-    """Plan-wide switches this configured reducer turns on (e.g. proportional attention)."""
+    """Plan-wide switches this configured reducer turns on (e.g. proportional attention). A
+    method whose schema takes `trace_source` turns source tracking on with it (pictures)."""
     return {"proportional_attention": cls.proportional_attention,
-            "track_source": cls.track_source, "rng_streams": frozenset(cls.rng_streams)}
+            "track_source": cls.track_source or bool(settings.get("trace_source")),
+            "rng_streams": frozenset(cls.rng_streams)}
 
   def __call__(self, state: TokenState, info: BlockInfo, *, train: bool = False):
     raise NotImplementedError

@@ -19,7 +19,8 @@
 
 Kept and fused tokens are gathered (static counts per layer), so merging may follow: ToMe
 after EViT or top-k merges the survivors, sizes carried. Each pruning layer records the ids
-of the tokens it keeps in `aux["reduction"]` (`vitoken.visualize.survivors_image` draws them).
+of the tokens it keeps in `aux["reduction"]` (`vitoken.visualize.survivors_image` draws them);
+`trace_source=True` also keeps `TokenState.source`, so pictures tell fused patches from pruned.
 """
 import math
 from typing import Optional, Sequence, Tuple, Union
@@ -47,11 +48,6 @@ def _layers(depth: int, layers: Optional[Sequence[int]], method: str) -> Tuple[i
   if len(set(chosen)) != len(chosen):
     raise ValueError(f"{method}: layers {list(chosen)} repeat a block")
   return chosen
-
-
-def _with_trace_source(flags, settings):
-  """`trace_source=True` keeps TokenState.source, so pictures tell fused patches from pruned."""
-  return dict(flags, track_source=flags["track_source"] or bool(settings.get("trace_source")))
 
 
 def keep_rate_at(progress: float, rate: float, start: float, end: float) -> float:
@@ -93,10 +89,6 @@ class TopK(base.Reducer):
 
   stages = (base.POST_ATTN,)
   needs = frozenset({base.CLS_ATTN})
-
-  @classmethod
-  def plan_flags(cls, settings):
-    return _with_trace_source(super().plan_flags(settings), settings)
 
   @classmethod
   def layer_settings(cls, depth: int, keep_rate: Optional[float] = None,
@@ -237,10 +229,6 @@ class DynamicViT(base.Reducer):
   ratio_weight: float = 2.0 / 3  # this stage's share of the ratio loss weight
 
   stages = (base.PRE_BLOCK,)
-
-  @classmethod
-  def plan_flags(cls, settings):
-    return _with_trace_source(super().plan_flags(settings), settings)
 
   @classmethod
   def layer_settings(cls, depth: int, keep_rate: float = 0.7, layers: Optional[Sequence[int]] = None,

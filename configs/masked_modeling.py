@@ -1,7 +1,8 @@
-"""Masked modeling on cluttered digits: MAE or SimMIM pretraining, then fine-tuning or a linear
-probe that starts from the pretraining run's workdir, and a from-scratch baseline.
+"""Masked modeling on cluttered digits: MAE, SimMIM or BEiT pretraining, then fine-tuning or a
+linear probe that starts from the pretraining run's workdir, and a from-scratch baseline.
 
   python -m vitoken.train --config=configs/masked_modeling.py:stage=pretrain,method=mae --workdir=/tmp/mae
+  python -m vitoken.train --config=configs/masked_modeling.py:stage=pretrain,method=beit,tokenizer=/tmp/tok --workdir=/tmp/beit
   python -m vitoken.train --config=configs/masked_modeling.py:stage=finetune,init=/tmp/mae --workdir=/tmp/mae_ft
   python -m vitoken.train --config=configs/masked_modeling.py:stage=probe,init=/tmp/mae --workdir=/tmp/mae_lin
   python -m vitoken.train --config=configs/masked_modeling.py:stage=scratch --workdir=/tmp/scratch
@@ -9,7 +10,9 @@ probe that starts from the pretraining run's workdir, and a from-scratch baselin
 
 Arguments (comma-separated):
   stage     pretrain | finetune | probe | scratch
-  method    mae | simmim (pretrain)
+  method    mae | simmim | beit (pretrain)
+  tokenizer BEiT's visual tokenizer: the workdir of `python -m vitoken.tokenizers
+            --config=configs/visual_tokenizer.py:kind=kmeans|fsq`
   init      the pretraining run's workdir (finetune, probe)
   steps     training steps (default: 3000 pretraining, 1000 otherwise)
   tome      ToMe's r from the fine-tuned model's first block on (finetune, scratch); 0: dense
@@ -25,7 +28,7 @@ average of the encoder's normalised tokens.
 from vitoken.train.config import base_config, digits_recipe, parse_arg, runlocal
 
 STAGES = ("pretrain", "finetune", "probe", "scratch")
-METHODS = ("mae", "simmim")
+METHODS = ("mae", "simmim", "beit")
 ENCODER = dict(variant="Ti/8", width=64, depth=6, mlp_dim=128, num_heads=2, class_token=True,
                posemb="sincos2d_mae")
 TASKS = {
@@ -36,12 +39,15 @@ TASKS = {
     "mae": dict(name="mae", mask_ratio=0.75, norm_pix_loss=True, decoder_width=32,
                 decoder_depth=1, decoder_heads=2),
     "simmim": dict(name="simmim", mask_patch_size=16, mask_ratio=0.6),
+    # BEiT's block-wise masks: 75 of 196 patches scaled to the 8x8 grid (24), at least 16 a
+    # block; the tokenizer comes from the `tokenizer` argument.
+    "beit": dict(name="beit", min_block_patches=16),
 }
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, stage="pretrain", method="mae", init="", steps=0, tome=0, preset="",
-                  runlocal=False)
+                  tokenizer="", runlocal=False)
   if arg.stage not in STAGES:
     raise ValueError(f"stage must be one of {STAGES}, got {arg.stage!r}")
   c = base_config()
@@ -52,6 +58,13 @@ def get_config(arg=None):
     if arg.method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {arg.method!r}")
     c.task = dict(TASKS[arg.method])
+    if arg.method == "beit":
+      if not arg.tokenizer:
+        raise ValueError("method=beit predicts a visual tokenizer's codes: pass tokenizer=<the "
+                         "workdir of python -m vitoken.tokenizers>")
+      c.task["tokenizer"] = arg.tokenizer
+    elif arg.tokenizer:
+      raise ValueError(f"tokenizer is BEiT's setting; method={arg.method} takes none")
     digits_recipe(c, total_steps=arg.steps or 3000, eval_every=1000)
     # MAE's pretraining optimizer: AdamW with b2 = 0.95, weight decay 0.05.
     c.optim.b2 = 0.95

@@ -1,13 +1,15 @@
-"""Masked modeling on cluttered digits: scratch vs MAE and SimMIM pretraining, fine-tuned and
-linearly probed with equal steps, and MAE's pretraining speed against SimMIM's.
+"""Masked modeling on cluttered digits: scratch vs MAE, SimMIM and BEiT pretraining (BEiT with a
+k-means and an FSQ visual tokenizer), fine-tuned and linearly probed with equal steps, and
+MAE's pretraining speed against SimMIM's.
 
   python experiments/masked_modeling.py                  # every run, tens of minutes on 2 CPU cores
   python experiments/masked_modeling.py --small          # seconds-long smoke version
   python experiments/masked_modeling.py --speed-only --variant B/16 --image 224 --batch 256 --dtype bfloat16
 
-Trains `configs/masked_modeling.py` stages in `--workroot/<run>` (finished runs are reused):
-MAE and SimMIM pretraining, then for each a fine-tune and a linear probe from its workdir, and
-a from-scratch fine-tune with the same steps. Then times one pretraining train step (forward,
+Fits the two tokenizers of `configs/visual_tokenizer.py`, then trains `configs/masked_modeling.py`
+stages in `--workroot/<run>` (finished runs are reused): MAE, SimMIM and the two BEiT
+pretrainings, then for each a fine-tune and a linear probe from its workdir, and a
+from-scratch fine-tune with the same steps. Then times one pretraining train step (forward,
 backward, AdamW update) of MAE and of SimMIM on the same batch, interleaved in one process
 (median of several windows, min-max spread), with XLA's FLOPs (2 per multiply-add).
 Writes experiments/results/masked_modeling.{json,md,png} and the MAE reconstruction grid.
@@ -31,18 +33,35 @@ from vitoken import tasks  # noqa: E402
 # timing alone (`--speed-only --variant ...`) needs only jax, flax and optax, so it also runs
 # on a machine without them. Hence the imports inside the functions below.
 
-PRETRAIN = {"mae": "stage=pretrain,method=mae", "simmim": "stage=pretrain,method=simmim"}
+# tokenizer run -> configs/visual_tokenizer.py argument (BEiT's targets)
+TOKENIZERS = {"tok_kmeans": "kind=kmeans", "tok_fsq": "kind=fsq"}
+# pretraining run -> (configs/masked_modeling.py argument, the tokenizer run it predicts)
+PRETRAIN = {"mae": ("stage=pretrain,method=mae", None),
+            "simmim": ("stage=pretrain,method=simmim", None),
+            "beit_kmeans": ("stage=pretrain,method=beit", "tok_kmeans"),
+            "beit_fsq": ("stage=pretrain,method=beit", "tok_fsq")}
 # run name -> (configs/masked_modeling.py argument, the pretraining run it starts from)
 DOWNSTREAM = {
     "scratch": ("stage=scratch", None),
     "mae_finetune": ("stage=finetune", "mae"),
     "simmim_finetune": ("stage=finetune", "simmim"),
+    "beit_kmeans_finetune": ("stage=finetune", "beit_kmeans"),
+    "beit_fsq_finetune": ("stage=finetune", "beit_fsq"),
     "mae_probe": ("stage=probe", "mae"),
     "simmim_probe": ("stage=probe", "simmim"),
+    "beit_kmeans_probe": ("stage=probe", "beit_kmeans"),
+    "beit_fsq_probe": ("stage=probe", "beit_fsq"),
 }
-LABELS = {"scratch": "scratch (no pretraining)", "mae_finetune": "MAE → fine-tune",
-          "simmim_finetune": "SimMIM → fine-tune", "mae_probe": "MAE → linear probe",
-          "simmim_probe": "SimMIM → linear probe"}
+METHOD_LABELS = {"mae": "MAE", "simmim": "SimMIM", "beit_kmeans": "BEiT (k-means codes)",
+                 "beit_fsq": "BEiT (FSQ codes)"}
+LABELS = {"scratch": "scratch (no pretraining)",
+          **{f"{m}_finetune": f"{label} → fine-tune" for m, label in METHOD_LABELS.items()},
+          **{f"{m}_probe": f"{label} → linear probe" for m, label in METHOD_LABELS.items()}}
+
+
+def _tokenizer_config(arg: str, small: bool):
+  from configs import visual_tokenizer  # pylint: disable=import-outside-toplevel
+  return common.run_config(visual_tokenizer.get_config, arg, small)
 
 
 def _config(arg: str, small: bool, steps: Optional[int]):
@@ -121,11 +140,18 @@ def main(argv=None):
   from configs import masked_modeling as configs  # pylint: disable=import-outside-toplevel
   from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
 
+  from vitoken import tokenizers  # pylint: disable=import-outside-toplevel
   summaries = {}
-  for name, arg in PRETRAIN.items():
+  for name, arg in TOKENIZERS.items():
+    print(f"== tokenizer {name}: {arg}", flush=True)
+    summaries[name] = tokenizers.fit(_tokenizer_config(arg, args.small),
+                                     os.path.join(args.workroot, name))
+  for name, (arg, tokenizer) in PRETRAIN.items():
+    if tokenizer:
+      arg += f",tokenizer={os.path.join(args.workroot, tokenizer)}"
     print(f"== pretraining {name}: {arg}", flush=True)
     summaries[name] = common.train_or_reuse(_config(arg, args.small, args.pretrain_steps),
-                             os.path.join(args.workroot, name))
+                                            os.path.join(args.workroot, name))
   for name, (arg, init) in DOWNSTREAM.items():
     if init:
       arg += f",init={os.path.join(args.workroot, init)}"
@@ -136,26 +162,30 @@ def main(argv=None):
   for name, (arg, init) in DOWNSTREAM.items():
     s = summaries[name]
     pre = summaries.get(init, {})
+    tok = summaries.get(PRETRAIN.get(init, (None, None))[1], {})
     rows.append({
         "run": name, "variant": LABELS[name], "config": arg,
         "pretraining": init or "-", "pretrain steps": pre.get("final_step", 0),
         "pretrain eval loss": pre.get("eval", {}).get("loss", float("nan")),
         "pretrain s": pre.get("wall_time_s", 0.0), "steps": s["final_step"],
         "accuracy": s["eval"]["accuracy"], "examples": s["eval"]["examples"],
-        "train s": s["wall_time_s"]})
+        "train s": s["wall_time_s"], **_tokenizer_fields(tok)})
     print(rows[-1], flush=True)
   scratch = rows[0]["accuracy"]
   for row in rows:
     row["Δ vs scratch (points)"] = 100 * (row["accuracy"] - scratch)
 
-  config = _config(PRETRAIN["mae"], args.small, args.pretrain_steps)
+  config = _config(PRETRAIN["mae"][0], args.small, args.pretrain_steps)
   info = pipeline.dataset_info(config.data)
-  speed = pretraining_speed(config.model.to_dict(), {n: configs.TASKS[n] for n in PRETRAIN},
+  speed = pretraining_speed(config.model.to_dict(), {n: configs.TASKS[n] for n in ("mae", "simmim")},
                             info.image_shape, batch=args.batch, windows=args.windows,
                             iters=args.iters)
   speed_rows = _speed_rows(speed)
   table = (common.markdown_table(rows, ["variant", "pretrain steps", "pretrain eval loss", "steps",
-                                        "accuracy", "Δ vs scratch (points)"])
+                                        "accuracy", "Δ vs scratch (points)", "codebook usage",
+                                        "code perplexity"])
+           + "\n\nVisual tokenizers (BEiT's targets), on the test split:\n\n"
+           + common.markdown_table(_tokenizer_rows(summaries), TOKENIZER_COLUMNS)
            + "\n\nPretraining train step (forward, backward, AdamW), same batch, interleaved:\n\n"
            + common.markdown_table(speed_rows, ["method", "train GFLOPs/img", "img/s (min-max)",
                                                 "x SimMIM img/s"]))
@@ -165,12 +195,36 @@ def main(argv=None):
           "iters_per_window": args.iters, "jax": jax.__version__,
           "flops": "XLA cost analysis of the jitted train step, 2 per multiply-add",
           "encoder": config.model.to_dict(), "tasks": configs.TASKS,
-          "pretraining_speed": speed_rows}
+          "tokenizers": _tokenizer_rows(summaries), "pretraining_speed": speed_rows}
   common.write_results(args.out, "masked_modeling", rows, table, meta)
   _plot(rows, speed_rows, os.path.join(args.out, "masked_modeling.png"))
   preview = os.path.join(args.workroot, "mae", "previews", "reconstructions.png")
   if os.path.exists(preview):
     shutil.copy(preview, os.path.join(args.out, "masked_modeling_reconstructions.png"))
+
+
+TOKENIZER_COLUMNS = ["tokenizer", "codes", "codebook usage", "code perplexity", "eval error",
+                     "steps", "fit s"]
+
+
+def _tokenizer_fields(summary) -> Dict:
+  e = summary.get("eval", {})
+  return {"codebook usage": e.get("codebook_usage", float("nan")),
+          "code perplexity": e.get("perplexity", float("nan"))}
+
+
+def _tokenizer_rows(summaries) -> List[Dict]:
+  """One row per tokenizer: codebook usage and perplexity on the test split, fit time."""
+  rows = []
+  for name, arg in TOKENIZERS.items():
+    s = summaries[name]
+    config = _tokenizer_config(arg, small=False)
+    codes = (config.task["codebook_size"] if "codebook_size" in config.task
+             else int(np.prod(config.task["levels"])))
+    rows.append({"tokenizer": name, "config": arg, "codes": codes, **_tokenizer_fields(s),
+                 "eval error": s["eval"]["loss"], "steps": s["final_step"],
+                 "fit s": s["wall_time_s"]})
+  return rows
 
 
 def _speed_rows(speed):
@@ -207,7 +261,7 @@ def _plot(rows, speed_rows, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+  fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), gridspec_kw={"width_ratios": [2, 1]})
   labels = [r["variant"] for r in rows]
   axes[0].barh(labels, [100 * r["accuracy"] for r in rows], color="tab:blue")
   for i, r in enumerate(rows):

@@ -1,5 +1,6 @@
 """The experiment scripts run end to end (tiny settings), so they cannot silently rot."""
 import json
+import math
 import os
 
 from configs import quickstart
@@ -55,6 +56,14 @@ def test_masked_modeling_pretrains_fine_tunes_probes_and_times(tmp_path):
   assert rows["scratch"]["pretrain steps"] == 0
   assert all(rows[n]["pretrain steps"] == 12 for n in rows if n != "scratch")
   assert all(r["examples"] == 256 and 0 <= r["accuracy"] <= 1 for r in rows.values())
+  # BEiT rows carry their tokenizer's codebook usage; the tokenizers have their own table.
+  tokenizers = {r["tokenizer"]: r for r in result["meta"]["tokenizers"]}
+  assert list(tokenizers) == list(masked_modeling.TOKENIZERS)
+  for method, tokenizer in (("beit_kmeans", "tok_kmeans"), ("beit_fsq", "tok_fsq")):
+    for stage in ("finetune", "probe"):
+      assert rows[f"{method}_{stage}"]["codebook usage"] == tokenizers[tokenizer]["codebook usage"]
+    assert 0 < tokenizers[tokenizer]["codebook usage"] <= 1 and tokenizers[tokenizer]["codes"] == 512
+  assert math.isnan(rows["mae_finetune"]["codebook usage"])
   speed = {r["method"]: r for r in result["meta"]["pretraining_speed"]}
   assert sorted(speed) == ["mae", "simmim"] and all(r["img/s"] > 0 for r in speed.values())
   # MAE's encoder sees a quarter of the patches: its train step costs well under SimMIM's.

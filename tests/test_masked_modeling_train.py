@@ -319,7 +319,7 @@ def test_mae_evaluation_is_deterministic(pretrained):
     ("stage=finetune", r"stage=finetune starts from a pretraining run: pass init="),
     ("stage=probe", r"stage=probe starts from a pretraining run: pass init="),
     ("stage=probe,init=/x,tome=2", r"tome is a fine-tuning setting"),
-    ("stage=pretrain,method=bert", r"method must be one of \('mae', 'simmim'\), got 'bert'"),
+    ("stage=pretrain,method=bert", r"method must be one of \('mae', 'simmim', 'beit'\), got 'bert'"),
     ("stage=pretrian", r"stage must be one of .*got 'pretrian'"),
 ])
 def test_config_arguments_are_checked(arg, pattern):

@@ -18,7 +18,7 @@ def load_run_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]]
                    what: str = "checkpoint"):
   """(model, params, run config) of a run's checkpoint; names every param that does not fit.
   The model is the run's ViT, or the model its task builds around the ViT (a masked-modeling
-  pretraining run's MAE / SimMIM model).
+  pretraining run's MAE / SimMIM / BEiT model; BEiT's also loads its tokenizer).
 
   `info` (a pipeline.DataInfo) gives the image shape and classes; without it they come from
   the saved config and the params themselves.
@@ -44,12 +44,12 @@ def load_run_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]]
     task = base.build(ml_collections.ConfigDict(
         {"model": fields, "task": settings_lib.as_dict(config.task, "task")}), info)
     model, dtype = task.model, task.backbone().param_dtype
+    expected = jax.eval_shape(task.init_params, jax.random.key(0), task.example_batch())
   else:
     model = base.vit_from_config(fields, info)
     dtype = model.param_dtype
-  images = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
-  rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
-  expected = jax.eval_shape(model.init, rngs, images)["params"]
+    images = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
+    expected = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
   have = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   problems = [f"missing {k}" for k in sorted(set(want) - set(have))]

@@ -36,6 +36,14 @@ def loss(images, pred, mask, patch):
   return total.sum() / (pixels.sum() + 1e-5) / images.shape[-1]
 
 
+def masked_patch_tokens(encoder, images, mask, train: bool, what: str):
+  """The encoder's normalised patch tokens [B, L, D] with a learned token in place of the
+  masked patches' embeddings (mask [B, L], 1 = masked); every position is encoded."""
+  _, aux = encoder(images, train=train, inputs={"patch_mask": mask})
+  mae.check_token_count(aux["encoded"], encoder.num_prefix + mask.shape[1], what)
+  return aux["encoded"][:, encoder.num_prefix:]
+
+
 class SimMIM(nn.Module):
   """`apply(variables, images, noise=None, mask=None, train=False)` -> (loss, pred, mask).
 
@@ -67,10 +75,8 @@ class SimMIM(nn.Module):
       if noise is None:
         noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], coarse[0] * coarse[1]))
       mask = simmim_mask(noise, check_mask_ratio(self.mask_ratio), coarse, scale)
-    _, aux = encoder(images, train=train, inputs={"patch_mask": mask})
+    tokens = masked_patch_tokens(encoder, images, mask, train, "SimMIM")
     patch = tuple(encoder.patch_size)
-    mae.check_token_count(aux["encoded"], encoder.num_prefix + mask.shape[1], "SimMIM")
-    tokens = aux["encoded"][:, encoder.num_prefix:]
     pred = nn.Dense(patch[0] * patch[1] * encoder.channels, dtype=encoder.dtype,
                     param_dtype=encoder.param_dtype, name="decoder")(tokens).astype(jnp.float32)
     mask = mask.astype(jnp.float32)

@@ -1,8 +1,9 @@
-"""Label-free pretraining by masked modeling: MAE and SimMIM, chosen by `config.task.name`.
+"""Label-free pretraining by masked modeling: MAE, SimMIM and BEiT, chosen by `config.task.name`.
 
     config.task = dict(name="mae", mask_ratio=0.75, norm_pix_loss=True, decoder_width=512,
                        decoder_depth=8, decoder_heads=16)
     config.task = dict(name="simmim", mask_patch_size=32, mask_ratio=0.6)
+    config.task = dict(name="beit", tokenizer="/runs/tokenizer", min_block_patches=16)
 
 `config.model` is the encoder (ViT fields); it ends at its LayerNorm, with no pooling or head.
 The masks' randomness is uniform noise that the input pipeline draws for every example (one
@@ -19,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import paths, settings as settings_lib, visualize
-from vitoken.models import mae, masking, simmim
+from vitoken.models import beit, block_masking, mae, masking, simmim
 from vitoken.tasks import base
+from vitoken.tokenizers import common as tokenizer_common
 
 
 class UniformNoise:
@@ -117,18 +119,23 @@ class MaskedImageModeling(base.Task):
     """Arrays for a picture of the first examples: original, masked and reconstructed images."""
     k = min(self.preview_examples, batch["image"].shape[0])
     batch = {key: v[:k] for key, v in batch.items()}
-    _, pred, mask = self.apply(params, batch, None, train=False)
-    encoder = self.encoder()
     images = batch["image"].astype(jnp.float32)
-    patch = tuple(encoder.patch_size)
+    reconstruction, mask = self.reconstruct(params, batch)
+    patch = tuple(self.encoder().patch_size)
     grid = masking.patch_grid(images.shape[1:3], patch)
-    pred = self.to_pixels(images, pred, patch)
     pixel_mask = masking.unpatchify(
         jnp.repeat(mask[..., None], patch[0] * patch[1] * images.shape[-1], axis=-1), patch, grid,
         images.shape[-1])
-    reconstruction = masking.unpatchify(pred, patch, grid, images.shape[-1])
     return {"original": images, "masked": images * (1 - pixel_mask), "pixel_mask": pixel_mask,
             "reconstruction": reconstruction}
+
+  def reconstruct(self, params, batch):
+    """(the model's picture of the batch [B, H, W, C], its patch mask [B, L])."""
+    _, pred, mask = self.apply(params, batch, None, train=False)
+    images = batch["image"].astype(jnp.float32)
+    patch = tuple(self.encoder().patch_size)
+    grid = masking.patch_grid(images.shape[1:3], patch)
+    return masking.unpatchify(self.to_pixels(images, pred, patch), patch, grid, images.shape[-1]), mask
 
   def to_pixels(self, images, pred, patch):
     return pred
@@ -201,3 +208,108 @@ class SimMIMTask(MaskedImageModeling):
   def per_example(self, images, pred, mask):
     total, pixels = simmim.per_example_loss(images, pred, mask, tuple(self.encoder().patch_size))
     return total, (pixels + 1e-5) * images.shape[-1]
+
+
+class BlockMasks:
+  """Batch field "patch_mask": float32 [B, L], BEiT's block-wise masks drawn on the host."""
+
+  def __init__(self, generator: block_masking.BlockMasking):
+    self.generator = generator
+
+  def __call__(self, batch, rng: np.random.Generator):
+    batch = dict(batch)
+    batch["patch_mask"] = self.generator.batch(batch["image"].shape[0], rng)
+    return batch
+
+
+@base.register("beit")
+class BEiTTask(MaskedImageModeling):
+  """BEiT-style pretraining (vitoken.models.beit) against a frozen visual tokenizer's codes.
+
+  `tokenizer` is the workdir of `python -m vitoken.tokenizers` (k-means or FSQ); its patch
+  size must be the encoder's. Masks: `mask_patches` (default BEiT's 75 of 196 scaled to the
+  grid), at least `min_block_patches` a block, aspect ratios in [min_aspect, 1/min_aspect].
+  Evaluation reports the masked cross-entropy, the share of masked codes predicted exactly,
+  and the usage of the tokenizer's codebook on the eval images. The previews decode the
+  predicted codes with the tokenizer."""
+
+  def __init__(self, config, info, tokenizer=None, mask_patches=None, min_block_patches: int = 16,
+               max_block_patches=None, min_aspect: float = 0.3, preview_examples: int = 8):
+    super().__init__(config, info, preview_examples)
+    spec = settings_lib.plain(tokenizer)
+    self.tokenizer_path = spec.get("path") if isinstance(spec, dict) else spec
+    if not self.tokenizer_path or not isinstance(self.tokenizer_path, str):
+      raise ValueError("task beit needs `tokenizer`: the workdir of a visual tokenizer (`python -m "
+                       "vitoken.tokenizers --config=configs/visual_tokenizer.py --workdir=DIR`)")
+    # The encoder's patch size without building the model (its head needs the tokenizer).
+    self.patch_size = tuple(mae.pretraining_encoder(
+        beit.BEiT(encoder=self.encoder_spec()).encoder_config(), {"method": "mask_token"}).patch_size)
+    grid = masking.patch_grid(info.image_shape[:2], self.patch_size)
+    self.masks = block_masking.BlockMasking(grid, mask_patches, min_block_patches,
+                                            max_block_patches, min_aspect)
+    self._tokenizer = None
+
+  def tokenizer(self):
+    """(tokenizer, params), loaded once; its patch size is checked against the encoder's."""
+    if self._tokenizer is None:
+      from vitoken import tokenizers  # pylint: disable=import-outside-toplevel
+      tok, params = tokenizers.load(self.tokenizer_path, self.info)
+      tokenizers.check_patch(tok.patch_size, self.patch_size, self.tokenizer_path)
+      self._tokenizer = (tok, params)
+    return self._tokenizer
+
+  def pretraining_model(self):
+    return beit.BEiT(encoder=self.encoder_spec(), codebook_size=self.tokenizer()[0].codebook_size)
+
+  def batch_fields(self):
+    return BlockMasks(self.masks)
+
+  def frozen_params(self):
+    return {"tokenizer": self.tokenizer()[1]}
+
+  def codes(self, frozen, images):
+    tok = self.tokenizer()[0]
+    return jax.lax.stop_gradient(tok.encode(frozen["tokenizer"], jnp.asarray(images, jnp.float32)))
+
+  def init_params(self, rng, batch):
+    mask = jnp.asarray(batch["patch_mask"])
+    return self.model.init(rng, batch["image"], jnp.zeros(mask.shape, jnp.int32), mask)["params"]
+
+  def forward(self, params, frozen, batch, rng, *, train: bool):
+    """(loss, logits, mask, codes) of the batch."""
+    codes = self.codes(frozen, batch["image"])
+    rngs = {"dropout": rng} if train else {}
+    loss, logits, mask = self.model.apply({"params": params}, batch["image"], codes,
+                                          batch["patch_mask"], train=train, rngs=rngs)
+    return loss, logits, mask, codes
+
+  def loss(self, params, frozen, batch, rng, step, progress):
+    loss, logits, mask, codes = self.forward(params, frozen, batch, rng, train=True)
+    correct, count = beit.code_accuracy(logits, codes, mask)
+    return loss, {"loss": loss, "masked_share": mask.mean(),
+                  "code_accuracy": correct.sum() / jnp.maximum(count.sum(), 1.0)}
+
+  def eval_sums(self, params, frozen, batch, rng):
+    _, logits, mask, codes = self.forward(params, frozen, batch, rng, train=False)
+    total, count = beit.per_example_loss(logits, codes, mask)
+    correct, _ = beit.code_accuracy(logits, codes, mask)
+    weight = batch["mask"].astype(jnp.float32)
+    count = jnp.maximum(count, 1.0)
+    return {"loss_sum": jnp.sum(total / count * weight),
+            "code_accuracy_sum": jnp.sum(correct / count * weight),
+            "masked_share_sum": jnp.sum(mask.mean(axis=1) * weight), "count": jnp.sum(weight),
+            "code_counts": tokenizer_common.code_counts(codes, weight, logits.shape[-1])}
+
+  def eval_summary(self, totals):
+    counts = totals["code_counts"]
+    out = super().eval_summary({k: v for k, v in totals.items() if k != "code_counts"})
+    out.update({f"target_{k}": v for k, v in tokenizer_common.usage(counts).items()})
+    return out
+
+  def reconstruct(self, params, batch):
+    # The tokenizer's decoding of the codes the model predicts (visible patches keep their own).
+    frozen = self.frozen_params()
+    _, logits, mask, codes = self.forward(params, frozen, batch, None, train=False)
+    predicted = jnp.where(mask > 0, jnp.argmax(logits, axis=-1), codes)
+    images = jnp.asarray(batch["image"], jnp.float32)
+    return self.tokenizer()[0].decode(frozen["tokenizer"], predicted, images), mask

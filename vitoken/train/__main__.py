@@ -1,7 +1,5 @@
 """python -m vitoken.train --config=configs/<file>.py[:arg] --workdir=DIR [--config.key=value ...]"""
-import logging as std_logging
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file with get_config(arg)",
@@ -10,24 +8,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def quiet_libraries(verbose: bool) -> None:
-  """vitoken's own INFO lines and every library's warnings; library INFO chatter (orbax,
-  tfds, ...) only with --verbosity=1."""
-  if verbose:
-    logging.set_verbosity(logging.INFO)
-    return
-  logging.set_verbosity(logging.WARNING)  # the absl logger, which orbax and tfds write to
-  std_logging.getLogger().setLevel(std_logging.WARNING)
-  std_logging.getLogger("vitoken").setLevel(std_logging.INFO)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vitoken.train import distributed, trainer  # pylint: disable=import-outside-toplevel
+  from vitoken.train import distributed, metrics, trainer  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   distributed.maybe_initialize(config.distributed)  # before any device is touched
-  quiet_libraries(flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
+  metrics.quiet_libraries(flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
   summary = trainer.run(config, _WORKDIR.value)
   evals = {k: v for k, v in summary.items() if k.startswith("eval")}
   headline = summary["headline"]

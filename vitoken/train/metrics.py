@@ -22,6 +22,7 @@ needed to view them.
 from __future__ import annotations
 
 import io
+import logging as std_logging
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tqdm
@@ -474,3 +476,14 @@ def write_summary(workdir, summary: Dict[str, Any]) -> str:
   text = json.dumps(_to_json_tree(summary), allow_nan=False, indent=2, sort_keys=False) + "\n"
   _atomic_write_text(path, text)
   return path
+
+
+def quiet_libraries(verbose: bool) -> None:
+  """vitoken's own INFO lines and every library's warnings; library INFO chatter (orbax,
+  tfds, ...) only with --verbosity=1."""
+  if verbose:
+    logging.set_verbosity(logging.INFO)
+    return
+  logging.set_verbosity(logging.WARNING)  # the absl logger, which orbax and tfds write to
+  std_logging.getLogger().setLevel(std_logging.WARNING)
+  std_logging.getLogger("vitoken").setLevel(std_logging.INFO)

@@ -1,0 +1,24 @@
+"""python -m vitoken.tokenizers --config=configs/visual_tokenizer.py[:arg] --workdir=DIR"""
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a tokenizer config with get_config(arg)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where the tokenizer's checkpoint and summary go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from vitoken.tokenizers import fitting  # pylint: disable=import-outside-toplevel
+  from vitoken.train.metrics import quiet_libraries  # pylint: disable=import-outside-toplevel
+  quiet_libraries(flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
+  summary = fitting.fit(_CONFIG.value, _WORKDIR.value)
+  e = summary["eval"]
+  print(f"tokenizer {summary['task']}: codebook usage {e['codebook_usage']:.1%}, perplexity "
+        f"{e['perplexity']:.1f}, eval error {e['loss']:.4f}, {summary['wall_time_s']:.0f}s")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -100,10 +100,8 @@ def evaluate_run(model, params, config, info, batch: int, summary: Dict):
 
 def tokens_per_block(model, params, probe) -> str:
   """Token counts entering each block and after the last ("65>65>9>9>9>9>9" style)."""
-  _, aux = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, probe)
-  counts = [int(v.shape[1]) for _, v in sorted(aux["blocks"].items())]
-  grid = [probe.shape[1 + i] // model.patch_size[i] for i in range(2)]
-  return ">".join(str(c) for c in [grid[0] * grid[1] + model.num_prefix] + counts)
+  from vitoken.bench import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  return flops_lib.tokens_string(flops_lib.token_counts(model, params, probe)[0])
 
 
 COST_COLUMNS = ["variant", "tokens", "GFLOPs/img", "FLOPs vs dense", "img/s (min-max)",

@@ -24,6 +24,7 @@ from vitoken import tasks
 from vitoken.data import pipeline
 from vitoken.tokenizers import common, fitting, fsq, kmeans
 from vitoken.train.metrics import read_jsonl
+from tests.test_train_loop import override
 
 F32 = np.float32
 
@@ -127,17 +128,6 @@ def near_rounding_boundary(bounded, tol=1e-4):
   """Rows where some channel is within `tol` of a .5 (float32 may round it either way)."""
   frac = bounded - np.floor(bounded)
   return (np.abs(frac - 0.5) < tol).any(axis=-1)
-
-
-def override(c, **overrides):
-  """Sets dotted keys ("task.codebook_size"=16) of a config in place; returns it."""
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
 
 
 # ------------------------------------- k-means: codes ---------------------------------------

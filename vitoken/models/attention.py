@@ -54,13 +54,61 @@ def attention_probs(q, k, *, bias=None, key_mask=None, policy=None, query_offset
   return (a + POLICY_EPS / nk) / (a.sum(axis=-1, keepdims=True) + POLICY_EPS)
 
 
-def fused_attention(q, k, v, *, bias=None, key_mask=None, implementation=None):
-  """q [B, Nq, H, D], k/v [B, Nk, H, D]; bias broadcastable to [B, H, Nq, Nk]; key_mask [B, Nk]."""
+# cuDNN's fused attention refuses some sequence lengths (197, ViT-B/16's, in the backward
+# pass); padding queries and keys to a multiple of this, with the padded keys masked out and
+# the padded rows dropped, leaves the result unchanged.
+CUDNN_SEQ_MULTIPLE = 64
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def choose_implementation(implementation: Optional[str], q) -> str:
+  """"xla" or "cudnn": an explicit choice stands; None/"auto" takes cuDNN on a GPU for
+  half-precision inputs with head dims it supports (multiples of 8 up to 128), else XLA."""
+  implementation = check_implementation(implementation)
+  if implementation is not None:
+    return implementation
+  head_dim = q.shape[-1]
+  if (jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES and head_dim % 8 == 0
+      and head_dim <= 128):
+    return "cudnn"
+  return "xla"
+
+
+def _pad_axis(x, axis: int, pad: int, value=0, broadcast: bool = False):
+  if not pad or (broadcast and x.shape[axis] == 1):  # a bias's broadcast dimension stays
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def fused_attention(q, k, v, *, bias=None, key_mask=None, implementation=None,
+                    pad_to: Optional[int] = None):
+  """q [B, N, H, D], k/v [B, N, H, D]; bias broadcastable to [B, H, N, N]; key_mask [B, N].
+
+  The sequence is padded to a multiple of `pad_to` (default: CUDNN_SEQ_MULTIPLE under cuDNN,
+  none under XLA); padded keys are masked out and padded query rows are dropped."""
+  impl = choose_implementation(implementation, q)
+  nq, nk = q.shape[1], k.shape[1]
+  pad_to = (CUDNN_SEQ_MULTIPLE if impl == "cudnn" else 0) if pad_to is None else pad_to
+  pad_q, pad_k = ((-nq) % pad_to, (-nk) % pad_to) if pad_to else (0, 0)
+  q_lengths = kv_lengths = None
+  if pad_q or pad_k:
+    q = _pad_axis(q, 1, pad_q)
+    k, v = _pad_axis(k, 1, pad_k), _pad_axis(v, 1, pad_k)
+    if bias is not None:
+      bias = _pad_axis(_pad_axis(bias, -1, pad_k, broadcast=True), -2, pad_q, broadcast=True)
+    if key_mask is not None:
+      key_mask = _pad_axis(key_mask, 1, pad_k, False)
+    else:
+      kv_lengths = jnp.full((q.shape[0],), nk, jnp.int32)
+      q_lengths = jnp.full((q.shape[0],), nq, jnp.int32)
   mask = None if key_mask is None else key_mask[:, None, None, :]
   if bias is not None:
     bias = bias.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
-                                      implementation=check_implementation(implementation))
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, query_seq_lengths=q_lengths,
+                                     key_value_seq_lengths=kv_lengths, implementation=impl)
+  return out[:, :nq]
 
 
 class SelfAttention(nn.Module):

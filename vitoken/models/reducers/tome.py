@@ -141,12 +141,23 @@ def _all_merge(a_idx, b_idx, dst_idx, num_protected) -> Matching:
                   tuple(("a", i) for i in range(num_protected)))
 
 
-def merge(m: Matching, x, mode: str = "sum"):
+MERGE_IMPLS = ("scatter", "onehot")
+
+
+def merge(m: Matching, x, mode: str = "sum", impl: str = "scatter"):
   """Applies a matching to x [B, T, ...]: "sum" and "max" reduce merged tokens into their
-  destination, "keep" leaves destinations as they are (e.g. for token ids)."""
+  destination, "keep" leaves destinations as they are (e.g. for token ids). `impl` is how a
+  "sum" reaches its destinations: a scatter-add, or a one-hot [r, T_b] matmul (the same sums;
+  which is faster depends on the device)."""
+  if impl not in MERGE_IMPLS:
+    raise ValueError(f"tome merge impl must be one of {MERGE_IMPLS}, got {impl!r}")
   a, bb = base.take_tokens(x, m.a_idx), base.take_tokens(x, m.b_idx)
   unm, src = base.take_tokens(a, m.unm_idx), base.take_tokens(a, m.src_idx)
-  if mode != "keep":
+  if mode == "sum" and impl == "onehot":
+    onehot = jax.nn.one_hot(m.dst_idx, bb.shape[1], dtype=src.dtype)  # [B, r, T_b]
+    bb = bb + jnp.einsum("brt,br...->bt...", onehot, src,
+                         precision=jax.lax.Precision.HIGHEST).astype(bb.dtype)
+  elif mode != "keep":
     rows = jnp.arange(x.shape[0])[:, None]
     at = bb.at[rows, m.dst_idx]
     bb = at.add(src) if mode == "sum" else at.max(src)
@@ -157,7 +168,7 @@ def merge(m: Matching, x, mode: str = "sum"):
   return jnp.concatenate(prefix + [unm[:, m.num_prefix_a:], bb[:, m.num_prefix_b:]], axis=1)
 
 
-def merge_state(m: Matching, state: base.TokenState) -> base.TokenState:
+def merge_state(m: Matching, state: base.TokenState, impl: str = "scatter") -> base.TokenState:
   """Size-weighted average of tokens, summed sizes, max-merged sources, kept ids; per-token
   carried arrays merge by their own mode ("mean" is size-weighted like the tokens)."""
   if state.policy is not None:
@@ -170,11 +181,11 @@ def merge_state(m: Matching, state: base.TokenState) -> base.TokenState:
     raise ValueError("tome: the token state has a mask (tokens dropped or padded per example), "
                      "which merging cannot follow; merging needs tokens gathered away first")
   size = state.size[..., None]
-  new_size = merge(m, size, "sum")
+  new_size = merge(m, size, "sum", impl)
 
   def mean(v):
     fit = lambda a: a[..., 0].reshape(a.shape[:2] + (1,) * (v.ndim - 2)).astype(v.dtype)
-    return merge(m, v * fit(size), "sum") / fit(new_size)
+    return merge(m, v * fit(size), "sum", impl) / fit(new_size)
 
   x = mean(state.x)
   source = None if state.source is None else merge(m, state.source, "max")
@@ -200,6 +211,7 @@ class ToMe(base.Reducer):
   # "error" (an explicit per-layer list means exactly that), or "error_beyond_full" (a
   # constant r: capped in late layers, but more than the whole sequence allows is a mistake).
   excess: str = "cap"
+  merge_impl: str = "scatter"  # or "onehot" (see `merge`)
 
   stages = (base.POST_ATTN,)
   needs = frozenset({base.KEYS_MEAN})
@@ -208,20 +220,23 @@ class ToMe(base.Reducer):
   def layer_settings(cls, depth: int, r: Union[int, Sequence[int]] = 0,
                      inflection: Optional[float] = None, matching: str = "bipartite", k: int = 2,
                      prop_attn: bool = True, trace_source: bool = False,
-                     layers: Optional[Sequence[int]] = None):
+                     layers: Optional[Sequence[int]] = None, merge_impl: str = "scatter"):
     if matching not in MATCHINGS:
       raise ValueError(f"tome: matching must be one of {MATCHINGS}, got {matching!r}")
+    if merge_impl not in MERGE_IMPLS:
+      raise ValueError(f"tome: merge_impl must be one of {MERGE_IMPLS}, got {merge_impl!r}")
     if matching == "kth":
       if int(k) != k or k < 2:
         raise ValueError(f"tome: kth matching needs an integer k >= 2, got {k!r}")
       chosen = range(depth) if layers is None else layers
-      return {int(i): {"matching": "kth", "k": int(k)} for i in chosen}
+      return {int(i): {"matching": "kth", "k": int(k), "merge_impl": merge_impl} for i in chosen}
     if layers is not None:
       raise ValueError("tome: `layers` is for kth matching; give r per layer as a list instead")
     schedule = parse_r(depth, r, inflection)
     excess = ("error" if isinstance(r, (list, tuple))
               else "cap" if inflection is not None else "error_beyond_full")
-    return {i: {"r": v, "matching": matching, "excess": excess} for i, v in enumerate(schedule) if v > 0}
+    return {i: {"r": v, "matching": matching, "excess": excess, "merge_impl": merge_impl}
+            for i, v in enumerate(schedule) if v > 0}
 
   @classmethod
   def plan_flags(cls, settings):
@@ -233,7 +248,7 @@ class ToMe(base.Reducer):
     t, p = state.num_tokens, state.num_prefix
     if self.matching == "kth":
       m = kth_bipartite_soft_matching(info.keys_mean, self.k, p)
-      return merge_state(m, state), {}
+      return merge_state(m, state, self.merge_impl), {}
     cap = (t - p) // 2
     full = (state.grid[0] * state.grid[1]) // 2
     if self.r > cap and (self.excess == "error" or (self.excess == "error_beyond_full" and self.r > full)):
@@ -247,4 +262,4 @@ class ToMe(base.Reducer):
       m = random_bipartite_soft_matching(info.keys_mean, r, self.make_rng("reduction"), p)
     else:
       m = bipartite_soft_matching(info.keys_mean, r, p)
-    return merge_state(m, state), {}
+    return merge_state(m, state, self.merge_impl), {}

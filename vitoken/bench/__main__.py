@@ -1,0 +1,22 @@
+"""python -m vitoken.bench --config=configs/bench.py[:arg] [--config.batch_sizes=(256,512) ...]"""
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a bench config with get_config(arg)",
+                                          lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from vitoken import bench  # pylint: disable=import-outside-toplevel
+  from vitoken.train.metrics import quiet_libraries  # pylint: disable=import-outside-toplevel
+  quiet_libraries(False)
+  rows, meta = bench.run(_CONFIG.value)
+  print(bench.markdown(rows))
+  print({k: v for k, v in meta.items() if k != "flops"})
+
+
+if __name__ == "__main__":
+  app.run(main)

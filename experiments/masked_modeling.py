@@ -198,9 +198,11 @@ def main(argv=None):
           "tokenizers": _tokenizer_rows(summaries), "pretraining_speed": speed_rows}
   common.write_results(args.out, "masked_modeling", rows, table, meta)
   _plot(rows, speed_rows, os.path.join(args.out, "masked_modeling.png"))
-  preview = os.path.join(args.workroot, "mae", "previews", "reconstructions.png")
-  if os.path.exists(preview):
-    shutil.copy(preview, os.path.join(args.out, "masked_modeling_reconstructions.png"))
+  for run, name in (("mae", "masked_modeling_reconstructions.png"),
+                    ("beit_fsq", "masked_modeling_beit_fsq_predictions.png")):
+    preview = os.path.join(args.workroot, run, "previews", "reconstructions.png")
+    if os.path.exists(preview):
+      shutil.copy(preview, os.path.join(args.out, name))
 
 
 TOKENIZER_COLUMNS = ["tokenizer", "codes", "codebook usage", "code perplexity", "eval error",

@@ -68,7 +68,8 @@ def test_masked_modeling_pretrains_fine_tunes_probes_and_times(tmp_path):
   assert sorted(speed) == ["mae", "simmim"] and all(r["img/s"] > 0 for r in speed.values())
   # MAE's encoder sees a quarter of the patches: its train step costs well under SimMIM's.
   assert speed["mae"]["train GFLOPs/img"] < 0.5 * speed["simmim"]["train GFLOPs/img"]
-  for name in ("masked_modeling.png", "masked_modeling_reconstructions.png", "masked_modeling.md"):
+  for name in ("masked_modeling.png", "masked_modeling_reconstructions.png",
+               "masked_modeling_beit_fsq_predictions.png", "masked_modeling.md"):
     assert os.path.exists(tmp_path / "out" / name)
 
 

@@ -229,7 +229,9 @@ class BEiTTask(MaskedImageModeling):
   `tokenizer` is the workdir of `python -m vitoken.tokenizers` (k-means or FSQ); its patch
   size must be the encoder's. Masks: `mask_patches` (default BEiT's 75 of 196 scaled to the
   grid), at least `min_block_patches` a block, aspect ratios in [min_aspect, 1/min_aspect].
-  Evaluation reports the masked cross-entropy, the share of masked codes predicted exactly,
+  Evaluation reports the masked cross-entropy (each example's mean over its masked patches,
+  averaged over examples, as MAE's and SimMIM's eval losses; training averages over every
+  masked patch of the batch, as BEiT), the share of masked codes predicted exactly,
   and the usage of the tokenizer's codebook on the eval images. The previews decode the
   predicted codes with the tokenizer."""
 

@@ -41,6 +41,9 @@ def _fit_kmeans(config, workdir: str) -> Dict[str, Any]:
   from vitoken.data import pipeline
   from vitoken.train import checkpoint as ckpt_lib, config as config_lib, metrics as metrics_lib, trainer
   config_lib.check_keys(config)
+  if jax.process_count() > 1:
+    raise ValueError("k-means fitting runs in one process (its updates are not reduced across "
+                     "hosts); fit it on one host and share the workdir")
   workdir = trainer.check_workdir(workdir)
   c = config
   info = pipeline.dataset_info(c.data)

@@ -1,43 +1,23 @@
 """What the experiment scripts share: timing a jitted function, FLOPs from XLA, tables."""
 import json
 import os
-import statistics
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 
+from vitoken.bench import flops as flops_lib
+from vitoken.bench.core import interleaved_throughput  # noqa: F401  (the experiments' timer)
+
 
 def flops(jitted: Callable, *args) -> float:
   """FLOPs of one call, from XLA's cost analysis of the compiled program."""
-  cost = jitted.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
+  return flops_lib.compiled_flops(jitted.lower(*args).compile())
 
 
 def throughput(fn: Callable, *args, batch: int, warmup: int = 2, iters: int = 10) -> float:
   """Items per second of `fn(*args)` after warm-up (one timed window; waits for the device)."""
   return interleaved_throughput({"fn": fn}, *args, batch=batch, windows=1, iters=iters,
                                 warmup=warmup)["fn"]["median"]
-
-
-def interleaved_throughput(fns: Dict[str, Callable], *args, batch: int, windows: int = 5,
-                           iters: int = 5, warmup: int = 2) -> Dict[str, Dict[str, float]]:
-  """Items/s of each `fns[name](*args)`, timed in interleaved windows (each window runs every
-  variant once, so drifts of a shared, noisy machine hit all alike): median and spread."""
-  for fn in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn(*args))
-  samples: Dict[str, List[float]] = {name: [] for name in fns}
-  for _ in range(windows):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      for _ in range(iters):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      samples[name].append(batch * iters / (time.perf_counter() - start))
-  return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-          for name, v in samples.items()}
 
 
 def run_config(get_config, arg: str, small: bool, steps: Optional[int] = None):
@@ -100,7 +80,6 @@ def evaluate_run(model, params, config, info, batch: int, summary: Dict):
 
 def tokens_per_block(model, params, probe) -> str:
   """Token counts entering each block and after the last ("65>65>9>9>9>9>9" style)."""
-  from vitoken.bench import flops as flops_lib  # pylint: disable=import-outside-toplevel
   return flops_lib.tokens_string(flops_lib.token_counts(model, params, probe)[0])
 
 

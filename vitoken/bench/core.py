@@ -11,7 +11,7 @@ kind, or `peak_tflops`).
 """
 import statistics
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -81,19 +81,21 @@ class _Case:
     return loss
 
 
-def interleaved(cases: Dict[str, _Case], *, windows: int, iters: int, warmup: int):
-  """{name: {"median", "min", "max"} images/s}, windows interleaved over the cases."""
-  for case in cases.values():
+def interleaved_throughput(fns: Dict[str, Callable], *args, batch: int, windows: int = 5,
+                           iters: int = 5, warmup: int = 2) -> Dict[str, Dict[str, float]]:
+  """Items/s of each `fns[name](*args)`, timed in interleaved windows (each window runs every
+  variant once, so drifts of a shared, noisy machine hit all alike): median and spread."""
+  for fn in fns.values():
     for _ in range(warmup):
-      jax.block_until_ready(case.run())
-  samples: Dict[str, List[float]] = {name: [] for name in cases}
+      jax.block_until_ready(fn(*args))
+  samples: Dict[str, List[float]] = {name: [] for name in fns}
   for _ in range(windows):
-    for name, case in cases.items():
+    for name, fn in fns.items():
       start = time.perf_counter()
       for _ in range(iters):
-        out = case.run()
+        out = fn(*args)
       jax.block_until_ready(out)
-      samples[name].append(case.batch * iters / (time.perf_counter() - start))
+      samples[name].append(batch * iters / (time.perf_counter() - start))
   return {n: {"median": statistics.median(v), "min": min(v), "max": max(v)} for n, v in samples.items()}
 
 
@@ -139,7 +141,9 @@ def bench(config) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
               raise
             failed[v] = "out of memory"
         try:
-          speed = interleaved(cases, windows=c.windows, iters=c.iters, warmup=c.warmup) if cases else {}
+          speed = (interleaved_throughput({v: case.run for v, case in cases.items()}, batch=batch,
+                                          windows=c.windows, iters=c.iters, warmup=c.warmup)
+                   if cases else {})
         except Exception as e:  # pylint: disable=broad-except
           if not _is_oom(e):
             raise

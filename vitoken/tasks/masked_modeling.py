@@ -303,10 +303,7 @@ class BEiTTask(MaskedImageModeling):
             "code_counts": tokenizer_common.code_counts(codes, weight, logits.shape[-1])}
 
   def eval_summary(self, totals):
-    counts = totals["code_counts"]
-    out = super().eval_summary({k: v for k, v in totals.items() if k != "code_counts"})
-    out.update({f"target_{k}": v for k, v in tokenizer_common.usage(counts).items()})
-    return out
+    return tokenizer_common.summary_with_usage(totals, super().eval_summary, prefix="target_")
 
   def reconstruct(self, params, batch):
     # The tokenizer's decoding of the codes the model predicts (visible patches keep their own).

@@ -42,10 +42,7 @@ class TokenizerTask(base.Task):
             "code_counts": common.code_counts(codes, weight, self.tokenizer().codebook_size)}
 
   def eval_summary(self, totals):
-    counts = totals["code_counts"]
-    out = super().eval_summary({k: v for k, v in totals.items() if k != "code_counts"})
-    out.update(common.usage(counts))
-    return out
+    return common.summary_with_usage(totals, super().eval_summary)
 
 
 @base.register("fsq_tokenizer")

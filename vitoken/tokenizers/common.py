@@ -59,3 +59,11 @@ def usage(counts) -> Dict[str, float]:
     return {"codebook_usage": 0.0, "perplexity": 0.0}
   p = counts[counts > 0] / total
   return {"codebook_usage": float((counts > 0).mean()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
+
+
+def summary_with_usage(totals, summarize, prefix: str = "") -> Dict[str, float]:
+  """`summarize` (a task's eval_summary) of the summed eval metrics without their
+  "code_counts" histogram, plus that histogram's usage and perplexity (names after `prefix`)."""
+  out = summarize({k: v for k, v in totals.items() if k != "code_counts"})
+  out.update({f"{prefix}{k}": v for k, v in usage(totals["code_counts"]).items()})
+  return out

@@ -44,7 +44,7 @@ def load_run(workdir: str, token_reduction: Any = "config"):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from vitoken import tasks  # pylint: disable=import-outside-toplevel
   from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
-  from vitoken.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from vitoken.engine import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   config = ckpt_lib.load_run_config(workdir)
   info = pipeline.dataset_info(config.data)
   overrides = {} if token_reduction == "config" else {"token_reduction": token_reduction}

@@ -21,7 +21,7 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import token_learners as configs  # noqa: E402
 from experiments import common  # noqa: E402
-from vitoken.train import checkpoint as ckpt_lib  # noqa: E402
+from vitoken.engine import checkpoint as ckpt_lib  # noqa: E402
 
 # run name -> configs/token_learners.py argument
 RUNS = {

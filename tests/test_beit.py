@@ -22,8 +22,9 @@ from tests.test_train_loop import losses
 from vitoken import tasks
 from vitoken.data import pipeline
 from vitoken.models import beit
-from vitoken.train import checkpoint as ckpt_lib, trainer
-from vitoken.train.metrics import read_jsonl
+from vitoken.engine import checkpoint as ckpt_lib
+from vitoken.train import trainer
+from vitoken.engine.metrics import read_jsonl
 
 CODES = 16  # the test tokenizer's codebook (the config's 512, cut for a meaningful ln(K) bound)
 GRID, BUDGET = 8, 24  # 64 px digits in 8 px patches; BEiT's 75 of 196 scaled to 64 patches

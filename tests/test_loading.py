@@ -7,7 +7,8 @@ import vitoken
 from tests.test_train_loop import smoke_config
 from vitoken import tasks
 from vitoken.data import pipeline
-from vitoken.train import checkpoint as ckpt_lib, sharding, trainer
+from vitoken.engine import checkpoint as ckpt_lib, sharding
+from vitoken.train import trainer
 
 
 @pytest.fixture(scope="module")

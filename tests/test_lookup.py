@@ -517,7 +517,7 @@ def test_overfits_one_batch_and_gradients_reach_both_directions():
 def test_trainer_runs_lookup_with_training_grids(tmp_path):
   from configs import token_learners
   from vitoken.train import trainer
-  from vitoken.train.metrics import read_jsonl
+  from vitoken.engine.metrics import read_jsonl
   c = token_learners.get_config("method=lookup,grid=4,grids=2/3,eval_grid=3,runlocal")
   assert c.model.token_reduction.to_dict() == {"method": "lookup", "grid": 4, "train_grids": [2, 3]}
   assert c.eval_model_overrides.token_reduction.grid == 3

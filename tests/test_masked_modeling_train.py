@@ -16,8 +16,9 @@ from configs import masked_modeling
 from tests.test_train_loop import losses, override
 from vitoken import tasks
 from vitoken.data import pipeline
-from vitoken.train import checkpoint as ckpt_lib, optim, sharding, trainer
-from vitoken.train.metrics import read_jsonl
+from vitoken.engine import checkpoint as ckpt_lib, optim, sharding
+from vitoken.train import trainer
+from vitoken.engine.metrics import read_jsonl
 
 METHODS = ("mae", "simmim")
 DEPTH, GRID = masked_modeling.ENCODER["depth"], 8  # 64 px digits in 8 px patches: 8x8 patches

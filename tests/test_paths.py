@@ -29,7 +29,8 @@ import pytest
 
 from tests.test_train_loop import run_preempted, smoke_config
 from vitoken.data import pipeline
-from vitoken.train import checkpoint as ckpt_lib, metrics as metrics_lib, trainer
+from vitoken.engine import checkpoint as ckpt_lib, metrics as metrics_lib
+from vitoken.train import trainer
 
 
 # ----------------------------------------------------------------------------- the store

@@ -11,7 +11,8 @@ from configs import token_pruning
 from vitoken.models import vit
 from vitoken.models.reducers import base as rbase
 from vitoken.tasks import distillation
-from vitoken.train import optim, trainer
+from vitoken.engine import optim
+from vitoken.train import trainer
 
 METHODS = {
     "topk": {"method": "topk", "keep_rate": 0.5, "layers": [1, 2]},

@@ -26,7 +26,8 @@ from vitoken.convert.torch_reference import import_timm
 from vitoken.data import ops, pipeline
 from vitoken.models import layout, posemb, vit
 from vitoken.models.reducers import base as rbase
-from vitoken.train import checkpoint as ckpt_lib, optim, trainer
+from vitoken.engine import checkpoint as ckpt_lib, optim
+from vitoken.train import trainer
 
 import_timm()  # declares torchvision's missing C++ op schemas so torchvision imports on CPU
 import torch  # noqa: E402
@@ -52,7 +53,7 @@ def _randn_like(tree, seed, scale=1.0):
 
 LD, LR, WD, STEPS = 0.5, 0.01, 0.1, 3
 # Written out by hand for depth 3 (BEiT/MAE: layer_decay ** (depth + 1 - layer_id), stem = 0,
-# block i = i + 1, head = depth + 1), not taken from vitoken.train.optim.
+# block i = i + 1, head = depth + 1), not taken from vitoken.engine.optim.
 LAYER_MULT = {
     "embedding": LD ** 4, "cls": LD ** 4, "pos_embedding": LD ** 4,
     "block_00": LD ** 3, "block_01": LD ** 2, "block_02": LD ** 1,

@@ -20,7 +20,7 @@ import pytest
 
 from vitoken.models import attention, vit
 from vitoken.models.reducers import base
-from vitoken.train import sharding
+from vitoken.engine import sharding
 
 IMAGES = jax.random.normal(jax.random.key(11), (2, 32, 32, 3))  # 4x4 grid of 8x8 patches
 B, P, WIDTH, HEADS, HEAD_DIM = 2, 16, 192, 3, 64

@@ -18,7 +18,7 @@ from vitoken.models import vit
 from vitoken.models.reducers import base as rbase
 from vitoken.tasks import distillation, teacher as teacher_lib
 from vitoken.train import trainer
-from vitoken.train.metrics import read_jsonl
+from vitoken.engine.metrics import read_jsonl
 
 PATCH = 8  # the runlocal quickstart: 64x64 images, 8x8 patches, gap pooling, no class token
 

@@ -533,8 +533,9 @@ def test_v11_accepts_non_square_grids_and_v1_standalone_refuses_them():
                                  "method=fuser,tokens=4,loc=1"])
 def test_trainer_runs_learn(tmp_path, arg):
   from configs import token_learners
-  from vitoken.train import checkpoint as ckpt_lib, trainer
-  from vitoken.train.metrics import read_jsonl
+  from vitoken.engine import checkpoint as ckpt_lib
+  from vitoken.train import trainer
+  from vitoken.engine.metrics import read_jsonl
 
   c = token_learners.get_config(arg + ",runlocal")
   c.progress_bar, c.checkpoint.async_save = False, False

@@ -22,8 +22,9 @@ import pytest
 from configs import visual_tokenizer
 from vitoken import tasks
 from vitoken.data import pipeline
-from vitoken.tokenizers import common, fitting, fsq, kmeans
-from vitoken.train.metrics import read_jsonl
+from vitoken import tokenizers as fitting
+from vitoken.models.tokenizers import common, fsq, kmeans
+from vitoken.engine.metrics import read_jsonl
 from tests.test_train_loop import override
 
 F32 = np.float32

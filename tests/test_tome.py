@@ -289,7 +289,7 @@ def test_unmerge_restores_a_full_resolution_map():
 def test_tome_and_dense_training_runs_both_learn(tmp_path):
   from configs import quickstart
   from vitoken.train import trainer
-  from vitoken.train.metrics import read_jsonl
+  from vitoken.engine.metrics import read_jsonl
 
   def run(arg):
     c = quickstart.get_config(arg)

@@ -11,7 +11,8 @@ import pytest
 
 from tests.test_train_loop import smoke_config
 from tests.test_train_processes import _env, _losses, _train
-from vitoken.train import distributed, sharding, trainer
+from vitoken.engine import distributed, sharding
+from vitoken.train import trainer
 
 
 @pytest.mark.parametrize("env,want", [

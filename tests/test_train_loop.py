@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from vitoken.train import checkpoint as ckpt_lib, config as config_lib, trainer
-from vitoken.train.metrics import read_jsonl
+from vitoken.engine import checkpoint as ckpt_lib
+from vitoken.train import config as config_lib, trainer
+from vitoken.engine.metrics import read_jsonl
 
 
 def override(c, **overrides):

@@ -1,4 +1,4 @@
-"""Tests for vitoken.train.metrics: JSONL log, TensorBoard event files, summary, progress bar."""
+"""Tests for vitoken.engine.metrics: JSONL log, TensorBoard event files, summary, progress bar."""
 import glob
 import json
 import math
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitoken.train import metrics as M
+from vitoken.engine import metrics as M
 
 
 # ----------------------------------------------------------------------------- independent reader
@@ -336,7 +336,7 @@ def test_postfix_formatting():
 def test_notebooks_get_the_live_tqdm_auto_bar(tmp_path, monkeypatch):
   """In a Jupyter/Colab kernel tqdm.auto is the widget bar: the logger uses it, redrawing often."""
   import tqdm.notebook
-  from vitoken.train import metrics as metrics_lib
+  from vitoken.engine import metrics as metrics_lib
   made = []
 
   class WidgetBar(tqdm.notebook.tqdm):

@@ -1,4 +1,4 @@
-"""Tests of vitoken.train.optim: schedules, optimizers vs optax references, weight-decay mask,
+"""Tests of vitoken.engine.optim: schedules, optimizers vs optax references, weight-decay mask,
 gradient clipping and layer-wise lr decay (unscanned and scanned layouts)."""
 import functools
 import math
@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from vitoken.models import layout, vit
-from vitoken.train import optim
+from vitoken.engine import optim
 
 DEPTH = 3
 # Cheap XLA:CPU codegen: these programs are many tiny per-leaf ops that run once, so compile

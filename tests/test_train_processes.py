@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from vitoken.train.metrics import read_jsonl
+from vitoken.engine.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config=configs/quickstart.py:runlocal", "--config.progress_bar=False",

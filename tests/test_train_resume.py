@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.test_train_loop import smoke_config
-from vitoken.train import checkpoint as ckpt_lib, trainer
+from vitoken.engine import checkpoint as ckpt_lib
+from vitoken.train import trainer
 
 
 def _steps(workdir):

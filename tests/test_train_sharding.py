@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vitoken.models import vit
-from vitoken.train import sharding
+from vitoken.engine import sharding
 
 
 @pytest.fixture(scope="module")

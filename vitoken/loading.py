@@ -25,7 +25,7 @@ def load_run_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]]
   """
   from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
   from vitoken.tasks import base  # pylint: disable=import-outside-toplevel
-  from vitoken.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from vitoken.engine import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   config = ckpt_lib.load_run_config(path)
   params = ckpt_lib.load_params(path)
   task_cls = base.task_class((config.get("task") or {}).get("name", "classification"))
@@ -66,7 +66,7 @@ def load_run_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]]
 def load(path, *, mesh=None, **model_overrides) -> Tuple[Any, Any, Any]:
   """(module, params, config) of a trained run; `model_overrides` change how it runs (dtype,
   token_reduction, ...), `mesh` places the params with the run's sharding rules."""
-  from vitoken.train import sharding  # pylint: disable=import-outside-toplevel
+  from vitoken.engine import sharding  # pylint: disable=import-outside-toplevel
   model, params, config = load_run_model(path, model_overrides=model_overrides)
   if mesh is not None:
     rules = sharding.combined_rules(config.get("sharding", {}).get("rules", ()),

@@ -11,7 +11,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from vitoken import bench  # pylint: disable=import-outside-toplevel
-  from vitoken.train.metrics import quiet_libraries  # pylint: disable=import-outside-toplevel
+  from vitoken.engine.metrics import quiet_libraries  # pylint: disable=import-outside-toplevel
   quiet_libraries(False)
   rows, meta = bench.run(_CONFIG.value)
   print(bench.markdown(rows))

@@ -22,7 +22,7 @@ import numpy as np
 from vitoken import paths, settings as settings_lib, visualize
 from vitoken.models import beit, block_masking, mae, masking, simmim
 from vitoken.tasks import base
-from vitoken.tokenizers import common as tokenizer_common
+from vitoken.models.tokenizers import common as tokenizer_common
 
 
 class UniformNoise:

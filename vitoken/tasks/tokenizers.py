@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from vitoken import settings as settings_lib
 from vitoken.tasks import base
-from vitoken.tokenizers import common, fsq, kmeans
+from vitoken.models.tokenizers import common, fsq, kmeans
 
 
 class TokenizerTask(base.Task):
@@ -47,7 +47,7 @@ class TokenizerTask(base.Task):
 
 @base.register("fsq_tokenizer")
 class FSQTokenizerTask(TokenizerTask):
-  """Trains an FSQ autoencoder (vitoken.tokenizers.fsq) on reconstruction error."""
+  """Trains an FSQ autoencoder (vitoken.models.tokenizers.fsq) on reconstruction error."""
   backbone_scope = "encoder"
 
   def __init__(self, config, info, levels=(8, 8, 8), decoder_depth: int = 2, decoder_heads=None):
@@ -87,7 +87,7 @@ class FSQTokenizerTask(TokenizerTask):
 
 @base.register("kmeans_tokenizer")
 class KMeansTokenizerTask(TokenizerTask):
-  """Mini-batch k-means over normalised patches (vitoken.tokenizers.kmeans); its eval error
+  """Mini-batch k-means over normalised patches (vitoken.models.tokenizers.kmeans); its eval error
   is the mean squared distance of a patch to its centroid."""
 
   def __init__(self, config, info, codebook_size: int = 512, patch_size=8, eps: float = 0.1):

@@ -8,5 +8,5 @@ Kinds (`config.task.name`): `kmeans_tokenizer` (mini-batch k-means over normalis
 and `fsq_tokenizer` (a small FSQ autoencoder). Both are saved as orbax checkpoints with their
 config, like any run, and report codebook usage and perplexity on the eval split.
 """
-from vitoken.tokenizers.common import check_codebook_size, check_patch, usage  # noqa: F401
+from vitoken.models.tokenizers.common import check_codebook_size, check_patch, usage  # noqa: F401
 from vitoken.tokenizers.fitting import fit, load  # noqa: F401

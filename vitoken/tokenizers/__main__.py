@@ -12,7 +12,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from vitoken.tokenizers import fitting  # pylint: disable=import-outside-toplevel
-  from vitoken.train.metrics import quiet_libraries  # pylint: disable=import-outside-toplevel
+  from vitoken.engine.metrics import quiet_libraries  # pylint: disable=import-outside-toplevel
   quiet_libraries(flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
   summary = fitting.fit(_CONFIG.value, _WORKDIR.value)
   e = summary["eval"]

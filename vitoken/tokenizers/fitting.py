@@ -39,7 +39,8 @@ def _fit_kmeans(config, workdir: str) -> Dict[str, Any]:
   # pylint: disable=import-outside-toplevel
   from vitoken import tasks
   from vitoken.data import pipeline
-  from vitoken.train import checkpoint as ckpt_lib, config as config_lib, metrics as metrics_lib, trainer
+  from vitoken.engine import checkpoint as ckpt_lib, metrics as metrics_lib
+  from vitoken.train import config as config_lib, trainer
   config_lib.check_keys(config)
   if jax.process_count() > 1:
     raise ValueError("k-means fitting runs in one process (its updates are not reduced across "
@@ -120,7 +121,7 @@ def load(path, info=None) -> Tuple[Any, Any]:
   # pylint: disable=import-outside-toplevel
   from vitoken import tasks
   from vitoken.data import pipeline
-  from vitoken.train import checkpoint as ckpt_lib
+  from vitoken.engine import checkpoint as ckpt_lib
   if not path:
     raise ValueError("the tokenizer needs a `path`: the workdir of `python -m vitoken.tokenizers`")
   if not paths.resolve(path).exists():

@@ -11,7 +11,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vitoken.train import distributed, metrics, trainer  # pylint: disable=import-outside-toplevel
+  from vitoken.engine import distributed, metrics  # pylint: disable=import-outside-toplevel
+  from vitoken.train import trainer  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   distributed.maybe_initialize(config.distributed)  # before any device is touched
   metrics.quiet_libraries(flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)

@@ -14,7 +14,7 @@ FREE_FORM = ("model", "eval_model_overrides", "data", "optim", "schedule", "task
 
 def base_config() -> ml_collections.ConfigDict:
   from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
-  from vitoken.train import optim  # pylint: disable=import-outside-toplevel
+  from vitoken.engine import optim  # pylint: disable=import-outside-toplevel
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule = optim.default_schedule_config()
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Extra partition rules, ((regex, spec), ...), tried before the task's, the reducers' and
-  # the ViT's own (vitoken.train.sharding.VIT_RULES). The regex is searched in the state path
+  # the ViT's own (vitoken.engine.sharding.VIT_RULES). The regex is searched in the state path
   # ("params/head/kernel", "opt_state/0/mu/head/kernel"), so anchor with (^|/), not ^.
   c.sharding = ml_collections.ConfigDict({"rules": ()})
   c.log_every_steps = 50

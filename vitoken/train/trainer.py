@@ -22,11 +22,11 @@ from vitoken import settings as settings_lib
 from vitoken import tasks as tasks_lib
 from vitoken.data import pipeline
 from vitoken.models.reducers import base as rbase
-from vitoken.train import checkpoint as ckpt_lib
+from vitoken.engine import checkpoint as ckpt_lib
 from vitoken.train import config as config_lib
-from vitoken.train import distributed
-from vitoken.train import metrics as metrics_lib
-from vitoken.train import optim, sharding
+from vitoken.engine import distributed
+from vitoken.engine import metrics as metrics_lib
+from vitoken.engine import optim, sharding
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken.models.masking import unpatchify
-from vitoken.tokenizers import common
+from vitoken.models.tokenizers import common
 
 
 def sq_distances(points, centroids):

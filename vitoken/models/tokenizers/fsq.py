@@ -25,7 +25,7 @@ from vitoken import settings as settings_lib
 from vitoken.models import posemb as posemb_lib, variants, vit
 from vitoken.models.masking import patch_grid, patchify, unpatchify
 from vitoken.models.reducers import base as rbase
-from vitoken.tokenizers import common
+from vitoken.models.tokenizers import common
 
 BOUND_EPS = 1e-3
 

@@ -40,4 +40,6 @@ def get_config(arg=None):
     c.optim.lr = 1e-3
   if arg.runlocal:
     runlocal(c)
+    if arg.kind == "kmeans":
+      c.eval_every_steps = 0  # k-means evaluates its codebook once, at the end
   return c

@@ -4,6 +4,9 @@ Data: the tiny cluttered-digits build, fake TFDS datasets (`tfds.testing.mock_da
 image folders written here whose pixels encode an example id, so a test can tell exactly
 which examples a batch holds.
 """
+import ast
+import inspect
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -11,7 +14,10 @@ from PIL import Image
 
 import grain
 from vitoken.data import cluttered_digits
+from vitoken.data import config as config_lib
 from vitoken.data import pipeline
+from vitoken.data import sources
+from vitoken.data import transforms
 
 SPEC_KEYS = {"name", "folder", "data_dir", "train_split", "eval_split", "image_size",
              "random_resized_crop", "crop_scale", "crop_ratio", "flip", "mean", "std",
@@ -117,8 +123,9 @@ def test_fake_tfds_datasets(name, eval_split, num_classes, size, tmp_path):
   assert len(batches) == 3
   for batch in batches:
     assert batch["image"].shape == (8, size, size, 3)
-    assert batch["labels"].dtype == np.int32 and batch["mask"].dtype == bool
-    assert np.all((0 <= batch["labels"]) & (batch["labels"] < num_classes))
+    assert batch["labels"].shape == (8, num_classes) and batch["labels"].dtype == np.float32
+    assert batch["mask"].dtype == bool
+    np.testing.assert_array_equal(batch["labels"].sum(-1), batch["mask"])  # one-hot or padding
   assert sum(int(b["mask"].sum()) for b in batches) == 21
 
 
@@ -128,9 +135,22 @@ def test_image_folder_labels_and_shapes(folder):
                                    eval_examples=23)
   for batch in pipeline.eval_iterator(_folder(folder), global_batch_size=5):
     ids = _ids(batch["image"])[batch["mask"]]
-    np.testing.assert_array_equal(batch["labels"][batch["mask"]], ids % 3)
+    np.testing.assert_array_equal(batch["labels"][batch["mask"]].argmax(-1), ids % 3)
   batch = next(pipeline.train_iterator(_folder(folder), global_batch_size=6, seed=0))
   np.testing.assert_array_equal(batch["labels"].argmax(-1), _ids(batch["image"]) % 3)
+
+
+def test_eval_labels_take_the_training_form_with_zero_padding_rows(folder):
+  train = next(pipeline.train_iterator(_folder(folder), global_batch_size=8, seed=0))
+  batches = list(pipeline.eval_iterator(_folder(folder), global_batch_size=8))
+  assert [int(b["mask"].sum()) for b in batches] == [8, 8, 7]  # 23 examples: one padding row
+  for batch in batches:
+    assert batch["labels"].dtype == train["labels"].dtype == np.float32
+    assert batch["labels"].shape == train["labels"].shape == (8, 3)
+    ids = _ids(batch["image"])
+    want = np.eye(3, dtype=np.float32)[ids % 3] * batch["mask"][:, None]
+    np.testing.assert_array_equal(batch["labels"], want)
+  assert not batches[-1]["labels"][-1].any() and not batches[-1]["mask"][-1]
 
 
 def test_image_folder_rgb_and_resize(tmp_path):
@@ -140,7 +160,7 @@ def test_image_folder_rgb_and_resize(tmp_path):
   batch = next(pipeline.eval_iterator(config, global_batch_size=4))
   assert batch["image"].shape == (4, 12, 12, 3)
   np.testing.assert_array_equal(batch["mask"], [True, True, True, False])
-  np.testing.assert_array_equal(batch["labels"][:3], [0, 1, 2])
+  np.testing.assert_array_equal(batch["labels"], [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
 
 
 def test_train_examples_caps_the_split(folder):
@@ -150,6 +170,27 @@ def test_train_examples_caps_the_split(folder):
                         _take(pipeline.train_iterator(config, global_batch_size=5, seed=0), 4)])
   # Two epochs of the same 10 examples (the first 10 in class-then-file order).
   assert len(set(ids)) == 10 and np.all(np.unique(ids, return_counts=True)[1] == 2)
+
+
+def test_pipeline_reexports_the_pieces_and_the_modules_are_layered():
+  assert pipeline.default_data_config is config_lib.default_data_config
+  for name in ("DataInfo", "dataset_info", "IMAGE_EXTENSIONS", "ImageFolderSource",
+               "folder_classes", "folder_files"):
+    assert getattr(pipeline, name) is getattr(sources, name), name
+  assert pipeline.BatchFields is transforms.BatchFields
+  # config <- sources, transforms <- pipeline: module-level imports only, no cycles.
+  allowed = {"config": set(), "sources": {"config"}, "transforms": {"config"},
+             "pipeline": {"config", "sources", "transforms"}}
+  for name, module in [("config", config_lib), ("sources", sources), ("transforms", transforms),
+                       ("pipeline", pipeline)]:
+    tree = ast.parse(inspect.getsource(module))
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module == "vitoken.data":
+        imported |= {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vitoken.data."):
+        imported.add(node.module.split(".")[2])
+    assert imported & set(allowed) == allowed[name], name
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -183,7 +224,8 @@ def test_eval_is_exact_across_processes(folder, global_batch):
     for batch in batches:
       assert batch["image"].shape[0] == global_batch // 2
       ids = _ids(batch["image"])[batch["mask"]]
-      np.testing.assert_array_equal(batch["labels"][batch["mask"]], ids % 3)
+      np.testing.assert_array_equal(batch["labels"][batch["mask"]].argmax(-1), ids % 3)
+      assert not batch["labels"][~batch["mask"]].any()  # padding: all-zero label rows
       seen.extend(ids)
   assert counts[0] == counts[1] == -(-23 // global_batch)
   assert sorted(seen) == list(range(23))  # every example once, padding masked out

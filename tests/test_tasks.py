@@ -302,3 +302,50 @@ def test_declared_and_configured_sharding_rules_place_parameters(tmp_path):
   c.sharding.rules = ((r"head", ("model",)),)
   with pytest.raises(ValueError, match=r"unknown mesh axes \['model'\]"):
     trainer.Trainer(c, str(tmp_path / "bad"))
+
+
+# ------------------------------------------------------------------ eval over padded batches
+
+
+def _classifier_predicting(cls: int, *, num_classes: int = 10):
+  """The quickstart classification task and params whose model predicts class `cls` for every
+  image: zero head kernel, a head bias peaked at `cls` (the logits are the bias)."""
+  info = pipeline.DataInfo(num_classes=num_classes, image_shape=(64, 64, 1), train_examples=1,
+                           eval_examples=1)
+  task = tasks.build(smoke_config(), info)
+  params = task.init_params(jax.random.key(0), task.example_batch(2))
+  bias = np.linspace(-1.0, 1.0, num_classes, dtype=np.float32)
+  bias[cls] = 3.0
+  params = {**params, "head": {"kernel": jnp.zeros_like(params["head"]["kernel"]),
+                               "bias": jnp.asarray(bias)}}
+  return task, params, bias
+
+
+def test_eval_accuracy_and_loss_leave_out_padding_rows_even_when_they_are_predicted_right():
+  # The pipeline's padding rows (mask False) hold a zero image and an all-zero label row, whose
+  # argmax is class 0. The model predicts class 0 for every row, padding included, so a padding
+  # row that reached the sums would be counted correct: only mask-True rows may count.
+  task, params, bias = _classifier_predicting(0)
+  labels = np.array([0, 3, 0, 7, 2])  # 5 real rows, 2 of them class 0 (right)
+  real, pad = len(labels), 3
+  rng = np.random.default_rng(0)
+  images = np.concatenate([rng.normal(size=(real, 64, 64, 1)), np.zeros((pad, 64, 64, 1))])
+  batch = {"image": images.astype(np.float32),
+           "labels": np.concatenate([np.eye(10, dtype=np.float32)[labels],
+                                     np.zeros((pad, 10), np.float32)]),
+           "mask": np.array([True] * real + [False] * pad)}
+  logits, _ = task.apply(params, batch, None, train=False)
+  assert np.all(np.asarray(logits).argmax(-1) == 0)  # the padding rows are "predicted right"
+  sums = jax.jit(task.eval_sums)(params, {}, batch, jax.random.key(1))
+  assert float(sums["count"]) == real
+  assert float(sums["accuracy_sum"]) == 2.0
+  # Loss: the integer-label cross-entropy of the real rows only.
+  want = float(np.sum(np.log(np.sum(np.exp(bias))) - bias[labels]))
+  np.testing.assert_allclose(float(sums["loss_sum"]), want, rtol=1e-6)
+  summary = task.eval_summary(jax.device_get(sums))
+  assert summary["examples"] == real and summary["accuracy"] == 2 / 5
+  # Where the padding rows sit does not matter: interleaved with the real ones, same sums.
+  order = np.array([5, 0, 1, 6, 2, 3, 7, 4])
+  shuffled = jax.jit(task.eval_sums)(params, {}, {k: v[order] for k, v in batch.items()},
+                                     jax.random.key(1))
+  assert float(shuffled["accuracy_sum"]) == 2.0 and float(shuffled["count"]) == real

@@ -2,6 +2,9 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from vitoken import bench
+from vitoken.engine.metrics import quiet_libraries
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a bench config with get_config(arg)",
                                           lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -10,8 +13,6 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vitoken import bench  # pylint: disable=import-outside-toplevel
-  from vitoken.engine.metrics import quiet_libraries  # pylint: disable=import-outside-toplevel
   quiet_libraries(False)
   rows, meta = bench.run(_CONFIG.value)
   print(bench.markdown(rows))

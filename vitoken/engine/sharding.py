@@ -10,7 +10,6 @@ import re
 from typing import Any, Callable, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -21,25 +20,13 @@ from vitoken.models import layout
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # FSDP is data parallel with sharded params: both split the batch
 
-# (regex searched in the '/'-joined leaf path, partition spec of the unscanned leaf)
-VIT_RULES: Tuple[Tuple[str, Tuple], ...] = (
-    (r"attn/qkv/kernel$", ("fsdp", None, "tensor", None)),  # [C, 3, H, D]
-    (r"attn/qkv/bias$", (None, "tensor", None)),
-    (r"attn/out/kernel$", ("tensor", None, "fsdp")),  # [H, D, C]
-    (r"map_head/q/kernel$", ("fsdp", "tensor", None)),  # [C, H, D]
-    (r"map_head/kv/kernel$", ("fsdp", None, "tensor", None)),
-    (r"map_head/out/kernel$", ("tensor", None, "fsdp")),
-    (r"mlp/fc1/kernel$", ("fsdp", "tensor")),
-    (r"mlp/fc1/bias$", ("tensor",)),
-    (r"mlp/fc2/kernel$", ("tensor", "fsdp")),
-    (r"head/kernel$", ("fsdp", None)),
-    (r"embedding/kernel$", (None, None, None, "fsdp")),
-    (r".*", ()),  # everything else replicated
-)
+# Rules are (regex searched in the '/'-joined leaf path, partition spec of the unscanned leaf).
+# The models declare theirs (`vit.SHARDING_RULES`, a reducer's `sharding_rules`); a leaf no
+# rule matches is replicated.
 
 
 def combined_rules(*extra) -> Tuple[Tuple[str, Tuple], ...]:
-  """Rule sets in priority order (a config's, a task's, its reducers'), then the ViT's own.
+  """Rule sets in priority order (a config's, then the task's: its reducers', its model's).
 
   Each rule is (regex, spec); specs are checked to name mesh axes only.
   """
@@ -57,7 +44,7 @@ def combined_rules(*extra) -> Tuple[Tuple[str, Tuple], ...]:
       except re.error as e:
         raise ValueError(f"sharding rule {pattern!r} is not a valid regex: {e}") from None
       rules.append((pattern, spec))
-  return tuple(rules) + VIT_RULES
+  return tuple(rules)
 
 
 MESH_KEYS = AXES + ("slices",)
@@ -156,7 +143,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def spec_for(path: str, shape: Tuple[int, ...], mesh: Mesh, rules=VIT_RULES) -> P:
+def spec_for(path: str, shape: Tuple[int, ...], mesh: Mesh, rules=()) -> P:
   """The first matching rule's spec, fitted to the leaf (layer axis, divisibility)."""
   for pattern, spec in rules:
     if re.search(pattern, path):
@@ -179,14 +166,14 @@ def spec_for(path: str, shape: Tuple[int, ...], mesh: Mesh, rules=VIT_RULES) -> 
   return P(*fitted)
 
 
-def tree_shardings(abstract_tree, mesh: Mesh, rules=VIT_RULES):
+def tree_shardings(abstract_tree, mesh: Mesh, rules=()):
   """NamedShardings for every leaf of an (abstract) pytree, by path."""
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: NamedSharding(mesh, spec_for(layout.path_str(path), tuple(leaf.shape), mesh, rules)),
       abstract_tree)
 
 
-def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules=VIT_RULES):
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules=()):
   """Creates the tree `init_fn()` returns directly in its sharded layout (never whole on one device)."""
   abstract = jax.eval_shape(init_fn)
   shardings = tree_shardings(abstract, mesh, rules)

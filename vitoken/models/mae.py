@@ -105,6 +105,7 @@ class MAEDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, latent, ids_restore, grid, *, deterministic: bool = True):
+    """`grid`: the encoder's PatchGrid (or its (gh, gw))."""
     dense = lambda n, name: nn.Dense(n, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     x = dense(self.width, "embed")(latent)
@@ -170,13 +171,13 @@ class MaskedAutoencoder(nn.Module):
     inputs = {} if noise is None else {"noise": noise}
     _, aux = encoder(images, train=train, inputs=inputs)
     record = aux["reduction"][MASKING_ENTRY]
-    grid = patch_grid(images.shape[1:3], encoder.patch_size)
-    check_token_count(aux["encoded"], encoder.num_prefix + keep_count(grid[0] * grid[1], ratio),
+    grid = encoder.patch_grid(images.shape[1:3])
+    check_token_count(aux["encoded"], encoder.num_prefix + keep_count(grid.num_patches, ratio),
                       "MAE")
     patch = tuple(encoder.patch_size)
     pred = MAEDecoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads, self.decoder_mlp_dim,
-        patch[0] * patch[1] * encoder.channels, encoder.num_prefix, encoder.layer_norm_eps,
+        grid.patch_dim(encoder.channels), encoder.num_prefix, encoder.layer_norm_eps,
         encoder.gelu_approximate, encoder.attention_impl, encoder.dtype, encoder.param_dtype,
         name="decoder")(aux["encoded"], record["ids_restore"], grid, deterministic=not train)
     mask = record["mask"]

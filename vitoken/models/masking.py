@@ -14,6 +14,7 @@ from typing import Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from vitoken.models.patches import PatchGrid
 from vitoken.models.reducers import base
 from vitoken.settings import pair
 
@@ -27,31 +28,20 @@ def check_mask_ratio(ratio, what: str = "mask_ratio") -> float:
 
 
 def patch_grid(image_hw: Sequence[int], patch: Pair) -> Tuple[int, int]:
-  (h, w), (ph, pw) = tuple(image_hw), pair(patch)
-  if h % ph or w % pw:
-    raise ValueError(f"patch size {ph}x{pw} does not divide the image size {h}x{w}")
-  return h // ph, w // pw
+  """(gh, gw): `PatchGrid.of(image_hw, patch).grid` for an image."""
+  return PatchGrid.of(tuple(image_hw), pair(patch)).grid
 
 
 def patchify(images, patch: Pair):
   """[B, H, W, C] -> [B, L, ph*pw*C], each patch flattened (row, column, channel) as MAE's."""
   if images.ndim != 4:
     raise ValueError(f"images must be [batch, height, width, channels], got shape {tuple(images.shape)}")
-  b, h, w, c = images.shape
-  (gh, gw), (ph, pw) = patch_grid((h, w), patch), pair(patch)
-  x = images.reshape(b, gh, ph, gw, pw, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh * gw, ph * pw * c)
+  return PatchGrid.of(images.shape[1:3], pair(patch)).patchify(images)
 
 
 def unpatchify(patches, patch: Pair, grid: Sequence[int], channels: int):
   """The inverse of `patchify`: [B, L, ph*pw*C] -> [B, H, W, C]."""
-  (gh, gw), (ph, pw) = tuple(grid), pair(patch)
-  b = patches.shape[0]
-  if patches.shape[1:] != (gh * gw, ph * pw * channels):
-    raise ValueError(f"patches of shape {tuple(patches.shape)} are not {gh}x{gw} patches of "
-                     f"{ph}x{pw}x{channels}")
-  x = patches.reshape(b, gh, gw, ph, pw, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh * ph, gw * pw, channels)
+  return PatchGrid(pair(patch), tuple(grid)).unpatchify(patches, channels)
 
 
 def keep_count(length: int, mask_ratio: float) -> int:
@@ -109,7 +99,7 @@ def simmim_grids(image_hw: Sequence[int], patch: Pair, mask_patch: int):
     raise ValueError(f"mask_patch_size {mask_patch} is not a multiple of the patch size {ph}")
   if h % mask_patch or w % mask_patch:
     raise ValueError(f"mask_patch_size {mask_patch} does not divide the image size {h}x{w}")
-  return (h // mask_patch, w // mask_patch), mask_patch // ph
+  return PatchGrid.of((h, w), mask_patch).grid, mask_patch // ph
 
 
 def simmim_mask(noise, mask_ratio: float, coarse_grid: Sequence[int], scale: int):

@@ -1,14 +1,21 @@
-"""Position embeddings: fixed 2-D sin-cos and resizing learned ones to a new patch grid."""
-from typing import Tuple
+"""Position embeddings: fixed 2-D sin-cos and resizing learned ones to a new patch grid.
+
+Grids are (rows, cols) pairs or `PatchGrid`s (of one frame: the tables are 2-D).
+"""
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitoken.models.patches import PatchGrid, spatial_grid
 
-def sincos_2d(grid: Tuple[int, int], width: int, temperature: float = 10_000.0, dtype=jnp.float32):
+Grid = Union[PatchGrid, Sequence[int]]
+
+
+def sincos_2d(grid: Grid, width: int, temperature: float = 10_000.0, dtype=jnp.float32):
   """MoCo-v3 / big_vision fixed embedding: [1, h*w, width] of (sin x, cos x, sin y, cos y)."""
-  h, w = grid
+  h, w = spatial_grid(grid)
   if width % 4:
     raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
   y, x = np.mgrid[:h, :w]
@@ -20,7 +27,7 @@ def sincos_2d(grid: Tuple[int, int], width: int, temperature: float = 10_000.0, 
   return jnp.asarray(pe, dtype)[None]
 
 
-def resize_posemb(posemb, old_grid: Tuple[int, int], new_grid: Tuple[int, int], *,
+def resize_posemb(posemb, old_grid: Grid, new_grid: Grid, *,
                   num_prefix: int = 0, method: str = "bilinear"):
   """Resamples a learned [1, num_prefix + gh*gw, C] embedding to a new patch grid.
 
@@ -29,7 +36,7 @@ def resize_posemb(posemb, old_grid: Tuple[int, int], new_grid: Tuple[int, int], 
   "big_vision": `scipy.ndimage.zoom(order=1)`, as big_vision's `resample_posemb`.
   """
   posemb = jnp.asarray(posemb)
-  old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+  old_grid, new_grid = spatial_grid(old_grid), spatial_grid(new_grid)
   expected = num_prefix + old_grid[0] * old_grid[1]
   if posemb.ndim != 3 or posemb.shape[0] != 1 or posemb.shape[1] != expected:
     raise ValueError(f"position embedding of shape {tuple(posemb.shape)} does not match a "
@@ -50,14 +57,14 @@ def resize_posemb(posemb, old_grid: Tuple[int, int], new_grid: Tuple[int, int], 
   return jnp.concatenate([prefix, grid], axis=1)
 
 
-def sincos_2d_mae(grid: Tuple[int, int], width: int, dtype=jnp.float32):
+def sincos_2d_mae(grid: Grid, width: int, dtype=jnp.float32):
   """MAE's fixed embedding (facebookresearch/mae `get_2d_sincos_pos_embed`): [1, h*w, width].
 
   Same layout as `sincos_2d` (sin/cos of the column, then of the row) but the frequencies are
   10000^(-i / (width/4)) for i < width/4, where big_vision divides by width/4 - 1; computed in
   float64 as the reference's numpy code does, then cast.
   """
-  h, w = grid
+  h, w = spatial_grid(grid)
   if width % 4:
     raise ValueError(f"MAE sin-cos position embeddings need a width divisible by 4, got {width}")
   quarter = width // 4

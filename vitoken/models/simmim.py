@@ -77,7 +77,8 @@ class SimMIM(nn.Module):
       mask = simmim_mask(noise, check_mask_ratio(self.mask_ratio), coarse, scale)
     tokens = masked_patch_tokens(encoder, images, mask, train, "SimMIM")
     patch = tuple(encoder.patch_size)
-    pred = nn.Dense(patch[0] * patch[1] * encoder.channels, dtype=encoder.dtype,
+    grid = encoder.patch_grid(images.shape[1:3])
+    pred = nn.Dense(grid.patch_dim(encoder.channels), dtype=encoder.dtype,
                     param_dtype=encoder.param_dtype, name="decoder")(tokens).astype(jnp.float32)
     mask = mask.astype(jnp.float32)
     return loss(images, pred, mask, patch), pred, mask

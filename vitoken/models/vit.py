@@ -10,10 +10,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vitoken import settings as settings_lib
 from vitoken.models import attention as attention_lib
 from vitoken.models import layers, posemb as posemb_lib, variants
+from vitoken.models.patches import PatchGrid
 from vitoken.models.reducers import base as rbase
 
 POOL_TYPES = ("tok", "gap", "map", "none")
@@ -34,11 +36,32 @@ def _auto_name(name: str) -> bool:
   return re.fullmatch(r"[A-Z][A-Za-z0-9]*_\d+", name) is not None
 
 
+# The ViT's top-level parameters outside the blocks, by layer-wise lr decay group: the stem
+# decays as a layer before the first block, the head as one after the last.
+STEM_NAMES = ("embedding", "cls", "registers", "pos_embedding", "norm_pre")
+HEAD_NAMES = ("encoder_norm", "fc_norm", "map_head", "pre_logits", "head")
+
 # Names the block and the ViT give their own submodules, parameters and carried arrays; a
 # reducer entry may not take them.
 BLOCK_NAMES = ("attn", "norm1", "norm2", "mlp", "ls1", "ls2", rbase.BLOCK_OWNER)
-TOP_NAMES = ("embedding", "cls", "registers", "pos_embedding", "norm_pre", "encoder_norm",
-             "fc_norm", "map_head", "pre_logits", "head", "blocks")
+TOP_NAMES = STEM_NAMES + HEAD_NAMES + ("blocks",)
+
+# How the ViT's parameters are partitioned over the (data, fsdp, tensor) mesh: (regex searched
+# in the parameter path, partition spec), first match wins; everything else is replicated.
+SHARDING_RULES: Tuple[Tuple[str, Tuple], ...] = (
+    (r"attn/qkv/kernel$", ("fsdp", None, "tensor", None)),  # [C, 3, H, D]
+    (r"attn/qkv/bias$", (None, "tensor", None)),
+    (r"attn/out/kernel$", ("tensor", None, "fsdp")),  # [H, D, C]
+    (r"map_head/q/kernel$", ("fsdp", "tensor", None)),  # [C, H, D]
+    (r"map_head/kv/kernel$", ("fsdp", None, "tensor", None)),
+    (r"map_head/out/kernel$", ("tensor", None, "fsdp")),
+    (r"mlp/fc1/kernel$", ("fsdp", "tensor")),
+    (r"mlp/fc1/bias$", ("tensor",)),
+    (r"mlp/fc2/kernel$", ("tensor", "fsdp")),
+    (r"head/kernel$", ("fsdp", None)),
+    (r"embedding/kernel$", (None, None, None, "fsdp")),
+    (r".*", ()),  # everything else replicated
+)
 
 
 class EncoderBlock(nn.Module):
@@ -60,6 +83,7 @@ class EncoderBlock(nn.Module):
   deterministic: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  phase: Optional[float] = None  # the schedule phase the reducers see (`BlockInfo.phase`)
 
   @nn.compact
   def __call__(self, state: rbase.TokenState, drop_rate=None, layer_index=None, run=None):
@@ -94,8 +118,8 @@ class EncoderBlock(nn.Module):
         else:
           fields[need] = attn.get(need)
       return rbase.BlockInfo(layer=layer, stage=stage, step=run.get("step"),
-                             progress=run.get("progress", 1.0), inputs=run.get("inputs", {}),
-                             **fields)
+                             progress=run.get("progress", 1.0), phase=self.phase,
+                             inputs=run.get("inputs", {}), **fields)
 
     def run_stage(stage, state, attn=None):
       for reducer in built:
@@ -244,14 +268,36 @@ class VisionTransformer(nn.Module):
 
   def layer_decay_groups(self) -> Dict[str, str]:
     """{top-level parameter name: "stem" | "head"} for everything outside the blocks."""
-    groups = {n: "stem" for n in ("embedding", "cls", "registers", "pos_embedding", "norm_pre")}
-    groups.update({n: "head" for n in ("encoder_norm", "fc_norm", "map_head", "pre_logits", "head")})
+    groups = {n: "stem" for n in STEM_NAMES}
+    groups.update({n: "head" for n in HEAD_NAMES})
     groups.update(self.plan().layer_decay_groups())
     return groups
 
   def sharding_rules(self) -> Tuple[Tuple[str, Tuple], ...]:
-    """Partition rules the configured reducers declare (the ViT's own are the trainer's)."""
-    return self.plan().sharding_rules()
+    """Partition rules, first match wins: the configured reducers' own, then the ViT's
+    (`SHARDING_RULES`, which ends by replicating everything else)."""
+    return tuple(self.plan().sharding_rules()) + SHARDING_RULES
+
+  def patch_grid(self, image_size: Sequence[int]) -> PatchGrid:
+    """The patch grid of images of `image_size` (H, W); an error when the patches do not
+    divide it."""
+    return PatchGrid.of(tuple(image_size), tuple(self.patch_size))
+
+  def adapt_loaded(self, key: str, value, target_shape, *, image_size: Sequence[int],
+                   method: str = "bilinear") -> np.ndarray:
+    """A loaded parameter fitted to this model for images of `image_size` (H, W): a learned
+    `pos_embedding` of another shape is resized from its square grid to this model's grid
+    (`posemb.resize_posemb`, `method` as there); any other value is returned as it is."""
+    value = np.asarray(value)
+    if key != "pos_embedding" or value.shape == tuple(target_shape):
+      return value
+    num_prefix = self.num_prefix if self.posemb_prefix else 0
+    old_n = value.shape[1] - num_prefix
+    side = int(round(np.sqrt(old_n)))
+    if side * side != old_n:
+      raise ValueError(f"pos_embedding {value.shape}: not a square grid, cannot resize")
+    return np.asarray(posemb_lib.resize_posemb(value, (side, side), self.patch_grid(image_size).hw,
+                                               num_prefix=num_prefix, method=method))
 
   def _check_config(self) -> rbase.ReductionPlan:
     if self.pool_type not in POOL_TYPES:
@@ -277,25 +323,22 @@ class VisionTransformer(nn.Module):
                          "another `name`")
     return plan
 
-  def _check_images(self, images) -> Tuple[int, int]:
+  def _check_images(self, images) -> PatchGrid:
     if images.ndim != 4:
       raise ValueError(f"images must be [batch, height, width, channels], got shape {tuple(images.shape)}")
     if images.shape[-1] != self.channels:
       hint = " (it looks like NCHW; vitoken takes NHWC)" if images.shape[1] == self.channels else ""
       raise ValueError(f"images have {images.shape[-1]} channels, the model takes {self.channels}: "
                        f"shape {tuple(images.shape)}{hint}")
-    (h, w), (ph, pw) = images.shape[1:3], tuple(self.patch_size)
-    if h % ph or w % pw:
-      raise ValueError(f"patch size {ph}x{pw} does not divide the image size {h}x{w}")
-    return h // ph, w // pw
+    return self.patch_grid(images.shape[1:3])
 
-  def _embed(self, images, grid, plan, run, train):
+  def _embed(self, images, grid: PatchGrid, plan, run, train, phase=None):
     """Patch embedding, class/register tokens, embedding-level reducers, then positions."""
     x = nn.Conv(self.width, tuple(self.patch_size), strides=tuple(self.patch_size), padding="VALID",
                 use_bias=self.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding")(images)
     b = x.shape[0]
     stem = x
-    x = x.reshape(b, grid[0] * grid[1], self.width)
+    x = x.reshape(b, grid.num_patches, self.width)
 
     prefix = []
     if self.num_prefix > self.num_registers:
@@ -313,7 +356,8 @@ class VisionTransformer(nn.Module):
     for planned in plan.embed:
       reducer = planned.build(rbase.EMBED_LAYER, context)
       info = rbase.BlockInfo(layer=rbase.EMBED_LAYER, stage=rbase.PRE_POSEMB, step=run.get("step"),
-                             progress=run.get("progress", 1.0), inputs=run.get("inputs", {}))
+                             progress=run.get("progress", 1.0), phase=phase,
+                             inputs=run.get("inputs", {}))
       state, aux = reducer(state, info, train=train)
       losses.update({f"{planned.name}/{k}": v for k, v in aux.pop("losses", {}).items()})
       if aux:
@@ -330,8 +374,8 @@ class VisionTransformer(nn.Module):
       state = state.replace(x=state.x + pos)
     return state, stem, losses, records
 
-  def _posemb(self, grid, dtype):
-    n_patches = grid[0] * grid[1]
+  def _posemb(self, grid: PatchGrid, dtype):
+    n_patches = grid.num_patches
     if self.posemb == "learn":
       n_pos = n_patches + (self.num_prefix if self.posemb_prefix else 0)
       expected = (1, n_pos, self.width)
@@ -339,7 +383,7 @@ class VisionTransformer(nn.Module):
         have = tuple(self.get_variable("params", "pos_embedding").shape)
         if have != expected:
           raise ValueError(
-              f"pos_embedding has shape {have} but images of {grid[0]}x{grid[1]} patches need "
+              f"pos_embedding has shape {have} but images of {grid.hw[0]}x{grid.hw[1]} patches need "
               f"{expected}; resize it with vitoken.models.posemb.resize_posemb (the converters "
               "take image_size=...)")
       pos = self.param("pos_embedding", nn.initializers.normal(self.width ** -0.5), expected,
@@ -356,8 +400,8 @@ class VisionTransformer(nn.Module):
       pos = jnp.concatenate([jnp.zeros((1, self.num_prefix, self.width), dtype), pos], axis=1)
     return pos
 
-  def _encode(self, state, plan, train, run):
-    block_kw = dict(
+  def _encode(self, state, plan, train, run, phase=None):
+    block_kw = dict(phase=phase,
         context=self.context(), num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
         dropout=self.dropout,
         layer_scale_init=self.layer_scale_init, qkv_bias=self.qkv_bias,
@@ -412,24 +456,30 @@ class VisionTransformer(nn.Module):
     return x  # "none"
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, step=None, progress=None, inputs=None):
+  def __call__(self, images, *, train: bool = False, step=None, progress=None,
+               phase: Optional[float] = None, inputs=None):
     """`step` (the optimizer step) and `progress` (fraction of training done, 1.0 when not
-    given) reach every reducer's `BlockInfo` for schedules; `inputs` carries extra batch
-    fields (masks, codes) to them as `info.inputs`."""
+    given) reach every reducer's `BlockInfo` for schedules, and so does `phase`: a static
+    Python float, the start of the current schedule phase as a fraction of training (one of
+    `plan().phase_starts()`, or 0.0), for reducers whose token counts follow a schedule (each
+    phase is its own compiled program); None (evaluation, or a training call outside the
+    trainer) gives their final settings. `inputs` carries extra batch fields (masks, codes)
+    to the reducers as `info.inputs`."""
     plan = self._check_config()
     grid = self._check_images(images)
+    phase = None if phase is None else float(phase)
     images = jnp.asarray(images, self.dtype or jnp.float32)
     run = {"progress": jnp.asarray(1.0 if progress is None else progress, jnp.float32),
            "inputs": dict(inputs or {})}
     if step is not None:
       run["step"] = jnp.asarray(step, jnp.int32)
 
-    state, stem, losses, records = self._embed(images, grid, plan, run, train)
+    state, stem, losses, records = self._embed(images, grid, plan, run, train, phase)
     x = nn.Dropout(self.dropout)(state.x, not train)
     if self.pre_norm:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="norm_pre")(x)
-    state, outs = self._encode(state.replace(x=x), plan, train, run)
+    state, outs = self._encode(state.replace(x=x), plan, train, run, phase)
 
     aux: Dict[str, Any] = {"stem": stem}
     if self.scan:

@@ -11,6 +11,11 @@ checkpoints, logging) and never branches on the task. New objectives are a file:
       def loss(self, params, frozen, batch, rng, step, progress): ...
       def eval_sums(self, params, frozen, batch, rng): ...     # per-batch sums with "count"
 
+A task trains by gradient through `loss` unless it owns its update (k-means): then it sets
+`uses_optimizer = False` and overrides `update(state, batch, frozen, rng, progress,
+gradient_step) -> (state, metrics)`; the trainer runs both through the same loop (resume,
+logging, evaluation, summary).
+
 Hooks (defaults in brackets):
 - `models()`: (train model, eval model) [the ViT of `config.model`, with
   `config.eval_model_overrides` for evaluation];
@@ -26,7 +31,7 @@ Hooks (defaults in brackets):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +43,21 @@ from vitoken.models import vit
 # Batch keys that are not model inputs; everything else a batch holds reaches the model as
 # `inputs` (and from there every reducer's `info.inputs`).
 RESERVED_FIELDS = ("image", "labels", "mask")
+
+
+class Progress(NamedTuple):
+  """Where a training step is: `fraction` (step / total_steps, traced) and `phase` (a static
+  float, the start of the schedule phase the step runs in: EViT's keep-rate shrink compiles
+  one program per phase)."""
+  fraction: Any
+  phase: float = 0.0
+
+
+def split_progress(progress) -> Tuple[Any, float]:
+  """(fraction, phase) of a Progress, or of a bare fraction (phase 0)."""
+  if isinstance(progress, Progress):
+    return progress.fraction, progress.phase
+  return progress, 0.0
 
 
 def dtype_of(value):
@@ -88,6 +108,8 @@ class Task:
   # the ViT itself, "encoder" for a pretraining model around it (MAE, SimMIM).
   backbone_scope: ClassVar[Optional[str]] = None
   headline: ClassVar[str] = "accuracy"  # the eval metric a run's summary line reports
+  # False: the task owns its (non-gradient) `update`, and the state has no optimizer state.
+  uses_optimizer: ClassVar[bool] = True
 
   def __init__(self, config, info):
     self.config = config
@@ -137,6 +159,20 @@ class Task:
   def sharding_rules(self):
     return self.model.sharding_rules() if hasattr(self.model, "sharding_rules") else ()
 
+  def phase_starts(self) -> Tuple[float, ...]:
+    """Fractions of training where a static schedule phase starts (EViT's keep rate)."""
+    return self.backbone().plan().phase_starts()
+
+  def describe_model(self) -> str:
+    """The model in a few words, for the run's first log line."""
+    m = self.model
+    if not hasattr(m, "width"):
+      return type(m).__name__
+    reduction = getattr(m, "token_reduction", None)
+    return (f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch "
+            f"{'x'.join(map(str, m.patch_size))} pool {m.pool_type}"
+            + (f" reducers {settings_lib.plain(reduction)}" if reduction else ""))
+
   # ---- data -------------------------------------------------------------------------------
   def batch_fields(self) -> Optional[Callable[[Dict[str, np.ndarray], np.random.Generator], Dict]]:
     return None
@@ -160,13 +196,19 @@ class Task:
     model = model or (self.model if train else self.eval_model)
     kwargs = {"inputs": model_inputs(batch)} if model_inputs(batch) else {}
     if train:
-      kwargs.update(step=step, progress=progress)
+      fraction, phase = split_progress(progress)
+      kwargs.update(step=step, progress=fraction, phase=phase)
     return model.apply({"params": params}, batch["image"], train=train,
                        rngs=model_rngs(model, rng, train=train), **kwargs)
 
   def loss(self, params, frozen, batch, rng, step, progress) -> Tuple[jax.Array, Dict[str, Any]]:
-    """(scalar loss, metrics); metrics hold "loss". `progress` is step / total_steps."""
+    """(scalar loss, metrics); metrics hold "loss". `progress` is a `Progress`."""
     raise NotImplementedError
+
+  def update(self, state, batch, frozen, rng, progress: Progress, gradient_step):
+    """One training step: (new state, metrics). The default is the trainer's gradient step
+    on `loss`; a task that learns without gradients (k-means) overrides it."""
+    return gradient_step(state, batch, frozen, rng, progress)
 
   def eval_sums(self, params, frozen, batch, rng) -> Dict[str, jax.Array]:
     """Per-batch sums over the examples with batch["mask"] True, with their "count"."""
@@ -205,8 +247,8 @@ def registered_tasks():
 
 
 def task_class(name: str) -> type:
-  """The Task class registered as `name`."""
-  from vitoken import tasks as _  # noqa: F401  (registers the built-in tasks)
+  """The Task class registered as `name` (importing `vitoken.tasks` registers the built-in
+  ones, and every caller reaches this module through that package)."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown task {name!r}; known: {registered_tasks()}")
   return _REGISTRY[name]

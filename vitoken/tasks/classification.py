@@ -1,4 +1,8 @@
-"""Supervised classification: cross-entropy on (smoothed, mixed) labels, accuracy in eval."""
+"""Supervised classification: cross-entropy on (smoothed, mixed) labels, accuracy in eval.
+
+Labels are one-hot float [B, num_classes] in training (mixed by mixup/cutmix) and in
+evaluation (all-zero rows for the padding rows, which batch["mask"] marks False).
+"""
 import jax.numpy as jnp
 import optax
 
@@ -34,9 +38,22 @@ class Classification(base.Task):
     return self.total([ce], aux, {"loss/ce": ce, "accuracy": accuracy})
 
   def eval_sums(self, params, frozen, batch, rng):
+    """Summed cross-entropy and correct predictions over the rows with batch["mask"] True.
+
+    batch["labels"] are one-hot float [B, num_classes] as in training; padding rows (mask
+    False) have all-zero labels and are left out of every sum, whatever the model predicts.
+    """
     logits, _ = self.apply(params, batch, rng, train=False)
-    mask = batch["mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(ce * mask), "accuracy_sum": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
+    return masked_eval_sums(logits, batch["labels"], batch["mask"])
+
+
+def masked_eval_sums(logits, labels, mask):
+  """{"loss_sum", "accuracy_sum", "count"} of logits [B, K] against one-hot labels [B, K],
+  over the rows where `mask` [B] is True (the padding rows of an eval batch are not)."""
+  valid = mask.astype(bool)
+  ce = optax.softmax_cross_entropy(logits, labels.astype(logits.dtype)).astype(jnp.float32)
+  correct = jnp.argmax(logits, -1) == jnp.argmax(labels, -1)
+  # `where`, not a product: a padding row's loss or prediction never enters a sum (0 * nan).
+  return {"loss_sum": jnp.sum(jnp.where(valid, ce, 0.0)),
+          "accuracy_sum": jnp.sum(jnp.where(valid & correct, 1.0, 0.0)),
+          "count": jnp.sum(valid.astype(jnp.float32))}

@@ -21,7 +21,7 @@ import numpy as np
 
 from vitoken import paths, settings as settings_lib, visualize
 from vitoken.models import beit, block_masking, mae, masking, simmim
-from vitoken.tasks import base
+from vitoken.tasks import base, runs
 from vitoken.models.tokenizers import common as tokenizer_common
 
 
@@ -254,9 +254,8 @@ class BEiTTask(MaskedImageModeling):
   def tokenizer(self):
     """(tokenizer, params), loaded once; its patch size is checked against the encoder's."""
     if self._tokenizer is None:
-      from vitoken import tokenizers  # pylint: disable=import-outside-toplevel
-      tok, params = tokenizers.load(self.tokenizer_path, self.info)
-      tokenizers.check_patch(tok.patch_size, self.patch_size, self.tokenizer_path)
+      tok, params = runs.load_tokenizer(self.tokenizer_path, self.info)
+      tokenizer_common.check_patch(tok.patch_size, self.patch_size, self.tokenizer_path)
       self._tokenizer = (tok, params)
     return self._tokenizer
 

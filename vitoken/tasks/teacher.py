@@ -5,7 +5,8 @@
     teacher = dict(path="/runs/x", model=dict(dtype="bfloat16"))    # overrides of its model
 """
 from vitoken import settings as settings_lib
-from vitoken.tasks import base
+from vitoken.convert import from_big_vision
+from vitoken.tasks import base, runs
 
 DEFAULTS = {"path": None, "model": {}}
 
@@ -18,14 +19,12 @@ def load(spec, info):
     raise ValueError("the teacher needs a `path`: a run's workdir or checkpoint, or a big_vision .npz")
   path = str(path)
   if path.endswith(".npz"):
-    from vitoken.convert import from_big_vision  # pylint: disable=import-outside-toplevel
     variant = model_opts.pop("variant", None)
     for key in ("dtype", "param_dtype"):
       if key in model_opts:
         model_opts[key] = base.dtype_of(model_opts[key])
     model, params = from_big_vision(path, variant, image_size=info.image_shape[:2], **model_opts)
     return model, params
-  from vitoken.loading import load_run_model  # pylint: disable=import-outside-toplevel
-  model, params, _ = load_run_model(path, info, model_overrides=model_opts,
-                                    what="teacher checkpoint")
+  model, params, _ = runs.load_model(path, info, model_overrides=model_opts,
+                                     what="teacher checkpoint")
   return model, params

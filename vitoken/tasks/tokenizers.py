@@ -4,12 +4,13 @@
     config.task = dict(name="kmeans_tokenizer", codebook_size=512, patch_size=8)  # fitted
 
 `config.model` is the FSQ encoder's ViT fields; k-means has no model beyond its settings.
-Both evaluate their codebook usage (share of codes used, perplexity) on the eval split. FSQ
-trains with the ordinary trainer; k-means is fitted by `vitoken.tokenizers.fit` (mini-batch
-k-means needs no gradients). `python -m vitoken.tokenizers` runs either.
+Both evaluate their codebook usage (share of codes used, perplexity) on the eval split. Both
+run through the trainer: FSQ by gradient, k-means by its own update (mini-batch k-means needs
+no gradients, so its state has no optimizer state). `python -m vitoken.tokenizers` runs either.
 """
 from typing import Dict
 
+import jax
 import jax.numpy as jnp
 
 from vitoken import settings as settings_lib
@@ -98,15 +99,35 @@ class KMeansTokenizerTask(TokenizerTask):
   def tokenizer(self):
     return self._tokenizer
 
-  def models(self):
-    raise ValueError("a k-means tokenizer has no model to train by gradient: fit it with "
-                     "`python -m vitoken.tokenizers --config=... --workdir=...`")
+  uses_optimizer = False
+
+  def describe_model(self) -> str:
+    tok = self._tokenizer
+    return (f"k-means tokenizer, {tok.codebook_size} codes over "
+            f"{'x'.join(map(str, tok.patch_size))} patches")
+
+  def phase_starts(self):
+    return ()
 
   def init_params(self, rng, batch):
-    return self._tokenizer.init(rng, jnp.asarray(batch["image"]))
+    # Placeholders of the right shapes: the centroids start from k-means++ on the first
+    # training batch, in `update` at step 0.
+    tok, channels = self._tokenizer, batch["image"].shape[-1]
+    return {"centroids": jnp.zeros((tok.codebook_size, tok.patch_dim(channels)), jnp.float32),
+            "counts": jnp.zeros((tok.codebook_size,), jnp.float32)}
 
-  def loss(self, params, frozen, batch, rng, step, progress):
-    raise ValueError("k-means is fitted by `python -m vitoken.tokenizers`, not by the trainer")
+  def update(self, state, batch, frozen, rng, progress, gradient_step):
+    """One mini-batch k-means step; at step 0 the centroids first start from k-means++ on
+    that batch (seeded by `config.seed`)."""
+    if jax.process_count() > 1:
+      raise ValueError("k-means fitting runs in one process (its updates are not reduced "
+                       "across hosts); fit it on one host and share the workdir")
+    tok, images = self._tokenizer, batch["image"]
+    params = jax.lax.cond(state["step"] == 0,
+                          lambda: tok.init(jax.random.key(self.config.seed), images),
+                          lambda: state["params"])
+    params, inertia = tok.update(params, images)
+    return dict(state, step=state["step"] + 1, params=params), {"loss": inertia}
 
   def eval_error(self, params, images):
     tok = self._tokenizer

@@ -2,6 +2,9 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from vitoken import tokenizers
+from vitoken.engine.metrics import quiet_libraries
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a tokenizer config with get_config(arg)",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the tokenizer's checkpoint and summary go")
@@ -11,10 +14,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vitoken.tokenizers import fitting  # pylint: disable=import-outside-toplevel
-  from vitoken.engine.metrics import quiet_libraries  # pylint: disable=import-outside-toplevel
   quiet_libraries(flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)
-  summary = fitting.fit(_CONFIG.value, _WORKDIR.value)
+  summary = tokenizers.fit(_CONFIG.value, _WORKDIR.value)
   e = summary["eval"]
   print(f"tokenizer {summary['task']}: codebook usage {e['codebook_usage']:.1%}, perplexity "
         f"{e['perplexity']:.1f}, eval error {e['loss']:.4f}, {summary['wall_time_s']:.0f}s")

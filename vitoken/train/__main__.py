@@ -2,6 +2,9 @@
 from absl import app, flags
 from ml_collections import config_flags
 
+from vitoken.engine import distributed, metrics
+from vitoken.train import trainer
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file with get_config(arg)",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and summary.json go")
@@ -11,8 +14,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vitoken.engine import distributed, metrics  # pylint: disable=import-outside-toplevel
-  from vitoken.train import trainer  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   distributed.maybe_initialize(config.distributed)  # before any device is touched
   metrics.quiet_libraries(flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1)

@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule = optim.default_schedule_config()
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Extra partition rules, ((regex, spec), ...), tried before the task's, the reducers' and
-  # the ViT's own (vitoken.engine.sharding.VIT_RULES). The regex is searched in the state path
+  # the model's own (vitoken.models.vit.SHARDING_RULES). The regex is searched in the state path
   # ("params/head/kernel", "opt_state/0/mu/head/kernel"), so anchor with (^|/), not ^.
   c.sharding = ml_collections.ConfigDict({"rules": ()})
   c.log_every_steps = 50

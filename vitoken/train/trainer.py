@@ -1,8 +1,9 @@
 """The training loop: one jitted step for every task, model and method, driven by a config.
 
 The task (`config.task`, see `vitoken.tasks`) owns the models, the objective and the eval
-metrics; the step never branches on the task or the token-reduction method (reducers'
-auxiliary losses arrive in the model's `aux["losses"]` and the tasks add them). State is created sharded, the step donates it and
+metrics, and may own its update (k-means learns without gradients); the step never branches
+on the task or the token-reduction method (reducers' auxiliary losses arrive in the model's
+`aux["losses"]` and the tasks add them). State is created sharded, the step donates it and
 pins its in/out shardings, and the host reads metrics only every `log_every_steps` (that is
 also where a NaN loss is caught, naming its exact step, before any checkpoint can store it).
 """
@@ -18,15 +19,14 @@ import numpy as np
 import optax
 
 from vitoken import paths
-from vitoken import settings as settings_lib
 from vitoken import tasks as tasks_lib
 from vitoken.data import pipeline
-from vitoken.models.reducers import base as rbase
 from vitoken.engine import checkpoint as ckpt_lib
-from vitoken.train import config as config_lib
 from vitoken.engine import distributed
 from vitoken.engine import metrics as metrics_lib
 from vitoken.engine import optim, sharding
+from vitoken.tasks import base as task_base
+from vitoken.train import config as config_lib
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,14 @@ class Trainer:
     self._check_batch()
     self.info = pipeline.dataset_info(config.data)
     self.task = tasks_lib.build(config, self.info)
-    self.model = self.task.model
 
     self.example = self.task.example_batch()
     abstract_params = jax.eval_shape(self.task.init_params, jax.random.key(0), self.example)
-    self.tx, self.schedule = optim.make_optimizer(
+    self.tx, self.schedule = (optim.make_optimizer(
         config.optim, config.schedule, abstract_params, config.total_steps,
         depth=self.task.depth(), groups=self.task.layer_decay_groups())
+                              if self.task.uses_optimizer else (None, None))
+    self.trainable = optim.trainable_mask(abstract_params, config.optim.get("trainable_regex"))
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
 
     self.rules = sharding.combined_rules(config.sharding.rules, self.task.sharding_rules())
@@ -90,7 +91,7 @@ class Trainer:
     self.frozen = jax.device_put(frozen, frozen_shardings)
     # Scheduled token counts (EViT's keep-rate shrink) are static per compiled program: the
     # step takes the phase it runs in as a static argument, one compile per phase.
-    self.phase_starts = self.task.backbone().plan().phase_starts()
+    self.phase_starts = self.task.phase_starts()
     self.train_step = jax.jit(
         self._train_step, donate_argnums=(0,), static_argnums=(3,),
         in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
@@ -123,19 +124,21 @@ class Trainer:
   # ---- state and steps -------------------------------------------------------------------
   def _init_state(self):
     params = self.task.init_params(jax.random.key(self.config.seed), self.example)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params}
+    if self.tx is not None:
+      state["opt_state"] = self.tx.init(params)
     if self.config.ema_decay:
       state["ema_params"] = params
     return state
 
-  def _grads(self, params, batch, frozen, rng, step):
-    progress = step.astype(jnp.float32) / self.config.total_steps
-    trainable = optim.trainable_mask(params, self.config.optim.get("trainable_regex"))
+  def _grads(self, params, batch, frozen, rng, step, progress=None):
+    if progress is None:
+      progress = task_base.Progress(step.astype(jnp.float32) / self.config.total_steps)
 
     def loss_fn(p, mb, r):
-      # Params the optimizer never moves get no gradient, so a linear probe differentiates
-      # only its head, not back through the encoder.
-      p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
+      # Params the optimizer freezes (optim.train_only) get no gradient either, so a linear
+      # probe differentiates only its head, not back through the encoder.
+      p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, self.trainable)
       return self.task.loss(p, frozen, mb, r, step, progress)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -172,14 +175,19 @@ class Trainer:
   def _train_step(self, state, batch, frozen, phase=0.0):
     step = state["step"]
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
-    with rbase.schedule_phase(phase):
-      grads, metrics = self._grads(state["params"], batch, frozen, rng, step)
+    progress = task_base.Progress(step.astype(jnp.float32) / self.config.total_steps, phase)
+    return self.task.update(state, batch, frozen, rng, progress, self._gradient_step)
+
+  def _gradient_step(self, state, batch, frozen, rng, progress):
+    """The default `Task.update`: gradients of the task's loss, one optimizer step, EMA."""
+    step = state["step"]
+    grads, metrics = self._grads(state["params"], batch, frozen, rng, step, progress)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"step": step + 1, "params": params, "opt_state": opt_state}
     if "ema_params" in state:
-      d = self.config.ema_decay
-      new["ema_params"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], params)
+      new["ema_params"] = optax.incremental_update(params, state["ema_params"],
+                                                   step_size=1.0 - self.config.ema_decay)
     metrics.update(grad_norm=optax.tree.norm(grads), lr=self.schedule(step))
     return new, metrics
 
@@ -195,7 +203,7 @@ class Trainer:
     if state is not None:
       log.info("resumed from the checkpoint at step %d in %s", step, self.checkpointer.directory)
       return int(step), state
-    state, _ = sharding.init_sharded(self._init_state, self.mesh)
+    state, _ = sharding.init_sharded(self._init_state, self.mesh, self.rules)
     if self.config.init_from.path:
       state = self._init_from(state)
     return 0, state
@@ -263,17 +271,14 @@ class Trainer:
 
   def describe(self) -> str:
     """The run's key facts, in one line."""
-    c, m, info = self.config, self.model, self.info
-    reduction = getattr(m, "token_reduction", None)
-    model = (f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch "
-             f"{'x'.join(map(str, m.patch_size))} pool {m.pool_type}"
-             + (f" reducers {settings_lib.plain(reduction)}" if reduction else "")
-             if hasattr(m, "width") else type(m).__name__)
+    c, info = self.config, self.info
+    model = self.task.describe_model()
     data = c.data.folder or c.data.name
     return (f"task {self.task.task_name} | {model}, {self.num_params:,} params | data {data}: "
             f"{info.train_examples:,} train / {info.eval_examples:,} eval, "
             f"{'x'.join(map(str, info.image_shape))} | batch {c.batch_size}, {c.total_steps} steps, "
-            f"{c.optim.name} lr {c.optim.lr} | mesh {dict(self.mesh.shape)} over "
+            + (f"{c.optim.name} lr {c.optim.lr}" if self.tx is not None else "no optimizer")
+            + f" | mesh {dict(self.mesh.shape)} over "
             f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
             f"process(es) | workdir {self.workdir}")
 

@@ -189,7 +189,7 @@ class LookupViT(base.Reducer):
     if state.mask is not None or state.policy is not None:
       raise ValueError(f"{self.where}: lookup cannot compress a masked or policy-weighted token "
                        "state; place it before any pruning reducer")
-    h, w = state.grid
+    h, w = state.grid.hw
     if lookup.shape[1] != h * w:
       raise ValueError(f"{self.where}: lookup resizes the {h}x{w} patch grid, but "
                        f"{lookup.shape[1]} patch tokens arrive (an earlier reducer changed them)")

@@ -114,12 +114,12 @@ class TopK(base.Reducer):
           "this ViT has no class token; use dynamicvit (a learned score) or tome (merging), "
           "or give the ViT a class token (class_token=True)")
 
-  def rate(self, train: bool) -> float:
+  def rate(self, train: bool, phase: Optional[float] = None) -> float:
     return self.keep_rate
 
-  def keep_count(self, n: int, train: bool) -> int:
+  def keep_count(self, n: int, train: bool, phase: Optional[float] = None) -> int:
     if self.k is None:
-      return math.ceil(self.rate(train) * n)  # the reference's ceil(keep_rate * (N - 1))
+      return math.ceil(self.rate(train, phase) * n)  # the reference's ceil(keep_rate * (N - 1))
     if self.k > n:
       raise ValueError(f"{self.where}: {self.method_name()} k={self.k} but only {n} image "
                        "tokens reach this layer")
@@ -129,7 +129,7 @@ class TopK(base.Reducer):
     self.check_class_token()
     p = state.num_prefix
     n = state.num_tokens - p
-    k = self.keep_count(n, train)
+    k = self.keep_count(n, train, info.phase)
     if k >= n:
       return state, {}  # every token stays: no reordering and no fused token (the reference)
     attn = info.cls_attn[:, p:]
@@ -175,8 +175,9 @@ class EViT(TopK):
     (start, end), levels = kwargs["shrink"], kwargs.get("shrink_levels", 4)
     return tuple(start + (end - start) * i / levels for i in range(levels + 1))
 
-  def rate(self, train: bool) -> float:
-    phase = base.current_phase()
+  def rate(self, train: bool, phase: Optional[float] = None) -> float:
+    """The keep rate in the schedule phase starting at `phase` (`BlockInfo.phase`, None:
+    the final one)."""
     if not train or self.shrink is None or phase is None:
       return self.keep_rate
     start, end = self.shrink
@@ -255,7 +256,7 @@ class DynamicViT(base.Reducer):
       kept = decision.mean(axis=1)
       ratio = self.ratio_weight * jnp.mean(jnp.square(kept - self.keep))
       return state, {"losses": {"ratio": ratio}, "keep_fraction": kept}
-    initial = state.grid[0] * state.grid[1]
+    initial = state.grid.num_patches
     k = int(initial * self.keep)  # the reference's int(init_n * token_ratio[i])
     if k > n:
       raise ValueError(f"{self.where}: dynamicvit keeps int({initial} x {self.keep:.4g}) = {k} "

@@ -243,7 +243,7 @@ class TokenLearner(base.Reducer):
                        "token state (learned tokens have no single keep decision); place it "
                        "before the pruning reducer")
     if self.version == "v1":
-      h, w = state.grid
+      h, w = state.grid.hw
       if h != w:
         raise ValueError(f"{self.where}: token_learner version 'v1' needs a square patch grid, "
                          f"got {h}x{w}; use version 'v1.1'")

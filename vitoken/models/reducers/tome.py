@@ -250,7 +250,7 @@ class ToMe(base.Reducer):
       m = kth_bipartite_soft_matching(info.keys_mean, self.k, p)
       return merge_state(m, state, self.merge_impl), {}
     cap = (t - p) // 2
-    full = (state.grid[0] * state.grid[1]) // 2
+    full = state.grid.num_patches // 2
     if self.r > cap and (self.excess == "error" or (self.excess == "error_beyond_full" and self.r > full)):
       raise ValueError(
           f"{self.where}: tome r={self.r} but {t} tokens reach this layer ({p} protected), "

@@ -23,7 +23,8 @@ import numpy as np
 
 from vitoken import settings as settings_lib
 from vitoken.models import posemb as posemb_lib, variants, vit
-from vitoken.models.masking import patch_grid, patchify, unpatchify
+from vitoken.models.masking import patchify
+from vitoken.models.patches import PatchGrid
 from vitoken.models.reducers import base as rbase
 from vitoken.models.tokenizers import common
 
@@ -127,6 +128,7 @@ class FSQAutoencoder(nn.Module):
     return self.quantized(images)[1]
 
   def decode_quantized(self, zhat, grid):
+    """zhat [B, L, d] over `grid` (a PatchGrid, or its (gh, gw)) -> patches [B, L, p*p*C]."""
     x = self.project_out(zhat)
     x = x + posemb_lib.sincos_2d_mae(grid, x.shape[-1], dtype=x.dtype)
     state = rbase.TokenState.create(x, num_prefix=0, grid=grid)
@@ -139,8 +141,7 @@ class FSQAutoencoder(nn.Module):
 
   def __call__(self, images, train: bool = False):
     zhat, codes = self.quantized(images, train)
-    grid = patch_grid(images.shape[1:3], self.vit.patch_size)
-    return self.decode_quantized(zhat, grid), codes
+    return self.decode_quantized(zhat, self.vit.patch_grid(images.shape[1:3])), codes
 
 
 class FSQTokenizer:
@@ -156,9 +157,9 @@ class FSQTokenizer:
     return self.model.apply({"params": params}, images, method=FSQAutoencoder.encode)
 
   def decode(self, params, codes, images):
-    grid = patch_grid(images.shape[1:3], self.patch_size)
+    grid = PatchGrid.of(images.shape[1:3], self.patch_size)
     patches = self.model.apply({"params": params}, codes, grid, method=FSQAutoencoder.decode)
-    return unpatchify(patches, self.patch_size, grid, images.shape[-1])
+    return grid.unpatchify(patches, images.shape[-1])
 
   def reconstruction_error(self, params, images, rng=None):
     """Per-example mean squared error of the reconstruction [B], and the codes [B, L];

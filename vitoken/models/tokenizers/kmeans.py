@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitoken.models.masking import unpatchify
+from vitoken.models.patches import PatchGrid
 from vitoken.models.tokenizers import common
 
 
@@ -92,8 +92,8 @@ class KMeansTokenizer:
     centroid holds only the normalised shape)."""
     mean, var = common.patch_stats(images, self.patch_size)
     shapes = params["centroids"].astype(jnp.float32)[codes]
-    grid = (images.shape[1] // self.patch_size[0], images.shape[2] // self.patch_size[1])
-    return unpatchify(shapes * jnp.sqrt(var + self.eps) + mean, self.patch_size, grid, images.shape[-1])
+    grid = PatchGrid.of(images.shape[1:3], self.patch_size)
+    return grid.unpatchify(shapes * jnp.sqrt(var + self.eps) + mean, images.shape[-1])
 
   def init(self, key, images):
     """Params for fitting: k-means++ centroids from the patches of `images`."""

@@ -1,0 +1,126 @@
+"""The data config: every key with its default, and its validation.
+
+    config.data = default_data_config()     # an ml_collections.ConfigDict, one entry per key
+    settings = Settings.parse(config.data)  # a frozen, validated copy (unknown keys raise)
+
+Sources (`vitoken.data.sources`), transforms (`vitoken.data.transforms`) and the iterators
+(`vitoken.data.pipeline`) read `Settings`, never the raw config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import ml_collections
+from ml_collections import config_dict
+import numpy as np
+
+from vitoken import settings as settings_lib
+from vitoken.data import cluttered_digits
+
+# Defaults of every data config key; a key not listed here is a typo and is rejected.
+DEFAULTS: Dict[str, Any] = {
+    "name": cluttered_digits.NAME,  # cluttered_digits[/config] or any TFDS name
+    "folder": None,  # root/<split>/<class_name>/*.png|jpg|jpeg; when set, `name` is unused
+    "data_dir": None,  # TFDS data dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    "train_split": "train",
+    "eval_split": "test",
+    "image_size": 64,  # output height = width
+    "random_resized_crop": False,  # train only; otherwise train images are resized
+    "crop_scale": (0.08, 1.0),
+    "crop_ratio": (3 / 4, 4 / 3),
+    "flip": False,  # random horizontal flip (train); off by default: digits are not symmetric
+    "mean": (0.5,),  # per channel, on images scaled to [0, 1]; one value broadcasts
+    "std": (0.5,),
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+    "mix_prob": 1.0,  # probability that a batch is mixed at all (when an alpha is > 0)
+    "worker_count": 0,  # grain worker processes; 0 = this process (threads only)
+    "build": True,  # build cluttered_digits / offline-buildable TFDS datasets when missing
+    "shuffle": True,
+    "train_examples": None,  # cap on the train split (smoke tests); None = all of it
+    "eval_examples": None,  # cap on the eval split (smoke tests); None = all of it
+}
+
+# Keys whose default is None but whose value has a type, so `--config.data.<key>=...` can
+# override them on the command line.
+_TYPED_NONE = {"folder": str, "data_dir": str, "train_examples": int, "eval_examples": int}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every data config key with its default (see `DEFAULTS` for what each means)."""
+  return ml_collections.ConfigDict({
+      k: (config_dict.placeholder(_TYPED_NONE[k]) if v is None and k in _TYPED_NONE else v)
+      for k, v in DEFAULTS.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A validated data config (the keys of `DEFAULTS`)."""
+  name: str
+  folder: Optional[str]
+  data_dir: Optional[str]
+  train_split: str
+  eval_split: str
+  image_size: int
+  random_resized_crop: bool
+  crop_scale: Tuple[float, float]
+  crop_ratio: Tuple[float, float]
+  flip: bool
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+  mixup_alpha: float
+  cutmix_alpha: float
+  mix_prob: float
+  worker_count: int
+  build: bool
+  shuffle: bool
+  train_examples: Optional[int]
+  eval_examples: Optional[int]
+
+  @classmethod
+  def parse(cls, data_config) -> "Settings":
+    """`data_config` (None, a ConfigDict or a mapping) over `DEFAULTS`, validated."""
+    values = settings_lib.resolve(data_config, DEFAULTS, "data config")
+    for key in ("crop_scale", "crop_ratio", "mean", "std"):
+      values[key] = _float_tuple(key, values[key])
+    for key in ("folder", "data_dir"):
+      if values[key] is not None:
+        values[key] = os.fspath(values[key])
+    settings = cls(**values)
+    settings.validate()
+    return settings
+
+  def validate(self) -> None:
+    _check(isinstance(self.image_size, (int, np.integer)) and self.image_size > 0,
+           f"image_size must be a positive int, got {self.image_size!r}")
+    _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+           f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}")
+    _check(len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1],
+           f"crop_ratio must be (low, high) with 0 < low <= high, got {self.crop_ratio}")
+    _check(all(s > 0 for s in self.std), f"std must be positive, got {self.std}")
+    _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
+           f"mixup_alpha and cutmix_alpha must be >= 0, got {self.mixup_alpha}, "
+           f"{self.cutmix_alpha}")
+    _check(0 <= self.mix_prob <= 1, f"mix_prob must lie in [0, 1], got {self.mix_prob}")
+    _check(isinstance(self.worker_count, (int, np.integer)) and self.worker_count >= 0,
+           f"worker_count must be an int >= 0, got {self.worker_count!r}")
+    for key in ("train_examples", "eval_examples"):
+      value = getattr(self, key)
+      _check(value is None or (isinstance(value, (int, np.integer)) and value > 0),
+             f"{key} must be None or a positive int, got {value!r}")
+
+
+def _float_tuple(key: str, value) -> Tuple[float, ...]:
+  if isinstance(value, (int, float)):
+    value = (value,)
+  try:
+    return tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{key} must be a sequence of numbers, got {value!r}") from None
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)

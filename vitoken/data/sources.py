@@ -1,0 +1,228 @@
+"""Where examples come from: TFDS datasets read as array_record (cluttered_digits is built on
+first use), or an image folder; and what the configured data is (`dataset_info`).
+
+    info = dataset_info(config.data)     # DataInfo: classes, image shape, (capped) split sizes
+    split = open_split(settings, settings.train_split, settings.train_examples)
+    split.source[i]                      # {"image": encoded bytes or uint8 array, "label": int}
+
+Every source is random access (`len`, `source[i]`), which grain's `MapDataset` needs; the
+transforms (`vitoken.data.transforms`) decode and preprocess what it returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from etils import epath
+import grain
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from vitoken.data import cluttered_digits
+from vitoken.data import ops
+from vitoken.data.config import Settings
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  num_classes: int
+  image_shape: tuple  # (H, W, C) of the images the pipeline yields (after resize/crop)
+  train_examples: int
+  eval_examples: int
+
+
+def dataset_info(data_config) -> DataInfo:
+  """Number of classes, output image shape and (capped) split sizes of the configured data."""
+  settings = Settings.parse(data_config)
+  train = open_split(settings, settings.train_split, settings.train_examples)
+  evaluation = open_split(settings, settings.eval_split, settings.eval_examples)
+  return DataInfo(num_classes=train.num_classes,
+                  image_shape=(settings.image_size, settings.image_size, train.channels),
+                  train_examples=len(train.source), eval_examples=len(evaluation.source))
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  source: Any  # random access: len(source), source[i] -> {"image": ..., "label": int, ...};
+  # a grain MapDataset once `open_split` returns it
+  num_classes: int
+  channels: int
+
+
+class PaddedSource:
+  """A source padded to `length` with None; element i is (example or None, index)."""
+
+  def __init__(self, source, length: int):
+    self._source = source
+    self._length = length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int):
+    return (self._source[index] if index < len(self._source) else None), index
+
+
+def open_split(settings: Settings, split: str, cap: Optional[int]) -> Split:
+  """The split as a grain MapDataset (its first `cap` examples when cap is set), checked
+  against the settings' mean/std."""
+  if settings.folder is not None:
+    opened = _open_folder(settings.folder, split, settings)
+  else:
+    opened = _open_tfds(settings, split)
+  if len(opened.source) == 0:
+    raise ValueError(f"split {split!r} of {settings.folder or settings.name!r} is empty")
+  for key in ("mean", "std"):
+    if len(getattr(settings, key)) not in (1, opened.channels):
+      raise ValueError(f"{key} has {len(getattr(settings, key))} values but the images have "
+                       f"{opened.channels} channel(s); give 1 (broadcast) or {opened.channels}")
+  dataset = grain.MapDataset.source(opened.source)
+  if cap is not None:
+    dataset = dataset[:cap]  # the first `cap` examples (all of them when there are fewer)
+  return dataclasses.replace(opened, source=dataset)
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _open_tfds(settings: Settings, split: str) -> Split:
+  builder = _prepared_builder(settings)
+  try:
+    source = builder.as_data_source(split=split)
+  except ValueError as e:
+    raise ValueError(f"dataset {settings.name!r} has no split {split!r}: {e}") from None
+  features = builder.info.features
+  for key in ("image", "label"):
+    if key not in features:
+      raise ValueError(f"dataset {settings.name!r} has no {key!r} feature (features: "
+                       f"{sorted(features.keys())}); the pipeline reads 'image' and 'label'")
+  channels = features["image"].shape[-1] or 3
+  if channels not in (1, 3):
+    raise ValueError(f"dataset {settings.name!r} has {channels}-channel images; "
+                     f"the pipeline takes 1 or 3")
+  return Split(source=source, num_classes=features["label"].num_classes, channels=channels)
+
+
+def _prepared_builder(settings: Settings):
+  """The TFDS builder of `settings.name`, built first if missing and allowed."""
+  name, data_dir = settings.name, settings.data_dir
+  where = data_dir or "the default TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  make_builder = lambda directory=data_dir: tfds.builder(name, data_dir=directory,
+                                                        file_format="array_record")
+  try:
+    builder = make_builder()
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"unknown dataset name {name!r}: neither {cluttered_digits.NAME!r} nor a "
+                     f"registered TFDS dataset (set `folder` to read an image folder)") from None
+  if builder.is_prepared():
+    _check_random_access(builder, name)
+    return builder
+  if not settings.build:
+    raise FileNotFoundError(f"dataset {name!r} is not in data_dir {where} (looked for "
+                            f"{builder.data_dir}); set build=True or point data_dir at it")
+  try:
+    return cluttered_digits.prepare_once(make_builder)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _build_error(builder, name, where, e) from e
+
+
+def _check_random_access(builder, name: str) -> None:
+  file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+  if file_format not in ("array_record", "parquet"):
+    raise ValueError(f"dataset {name!r} in {builder.data_dir} is stored as {file_format}, which "
+                     f"grain cannot index; rebuild it with file_format='array_record' "
+                     f"(download_and_prepare) or use another data_dir")
+
+
+def _build_error(builder, name: str, where: str, error: Exception) -> Exception:
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    return FileNotFoundError(
+        f"dataset {name!r} is not in data_dir {where} and needs a manual download: put its "
+        f"files in <data_dir>/downloads/manual and build it with file_format='array_record'. "
+        f"TFDS says: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()} "
+        f"[{type(error).__name__}: {error}]")
+  return RuntimeError(f"could not build dataset {name!r} into data_dir {where}: "
+                      f"{type(error).__name__}: {error}. Prepare it where the download "
+                      f"works, with file_format='array_record', and point data_dir at it")
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+class ImageFolderSource:
+  """Random access to root/<split>/<class_name>/*.{png,jpg,jpeg}.
+
+  Labels index the sorted class names; images decode to `channels` channels.
+  """
+
+  def __init__(self, paths: Sequence[str], labels: Sequence[int], channels: int):
+    self._paths = list(paths)
+    self._labels = np.asarray(labels, np.int64)
+    self._channels = channels
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    data = epath.Path(self._paths[index]).read_bytes()
+    return {"image": ops.decode(data, self._channels), "label": self._labels[index]}
+
+
+def _open_folder(root: str, split: str, settings: Settings) -> Split:
+  classes = folder_classes(root, (settings.train_split, settings.eval_split))
+  paths, labels = folder_files(root, split, classes)
+  channels = _folder_channels(root, (settings.train_split, settings.eval_split), classes)
+  return Split(source=ImageFolderSource(paths, labels, channels), num_classes=len(classes),
+               channels=channels)
+
+
+def folder_classes(root: str, splits: Sequence[str]) -> List[str]:
+  """Sorted class names: the subfolders of every existing root/<split>."""
+  root_path = epath.Path(root)
+  if not root_path.is_dir():
+    raise FileNotFoundError(f"image folder {root} does not exist")
+  split_dirs = [root_path / split for split in dict.fromkeys(splits) if (root_path / split).is_dir()]
+  if not split_dirs:
+    raise FileNotFoundError(f"image folder {root} has none of the split folders {list(splits)} "
+                            f"(expected {root}/<split>/<class_name>/*.png)")
+  classes = sorted({d.name for split_dir in split_dirs for d in split_dir.iterdir() if d.is_dir()})
+  if not classes:
+    raise ValueError(f"image folder {root} has no classes: no subfolders in "
+                     f"{[str(d) for d in split_dirs]} (expected {root}/<split>/<class_name>/*.png)")
+  return classes
+
+
+def folder_files(root: str, split: str, classes: Sequence[str]) -> Tuple[List[str], List[int]]:
+  """Sorted image paths of root/<split> and their class indices."""
+  split_dir = epath.Path(root) / split
+  if not split_dir.is_dir():
+    raise FileNotFoundError(f"image folder {root} has no split folder {split!r} "
+                            f"(expected {split_dir}/<class_name>/*.png)")
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = split_dir / name
+    if class_dir.is_dir():
+      files = sorted(p for p in class_dir.iterdir()
+                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+      paths.extend(str(p) for p in files)
+      labels.extend([label] * len(files))
+  if not paths:
+    raise ValueError(f"image folder split {split_dir} has no {'/'.join(IMAGE_EXTENSIONS)} "
+                     f"images in its class folders {list(classes)}")
+  return paths, labels
+
+
+def _folder_channels(root: str, splits: Sequence[str], classes: Sequence[str]) -> int:
+  """1 if the folder's first image is grayscale, else 3: one answer for every split."""
+  for split in dict.fromkeys(splits):
+    if (epath.Path(root) / split).is_dir():
+      try:
+        first = folder_files(root, split, classes)[0][0]
+      except ValueError:
+        continue
+      with epath.Path(first).open("rb") as f, Image.open(f) as image:
+        return ops.channels_of_mode(image.mode)
+  return 3

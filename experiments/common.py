@@ -60,7 +60,7 @@ def accuracy(predict: Callable, data_config, batch: int = 250) -> Tuple[float, i
   correct = total = 0
   for b in pipeline.eval_iterator(data_config, global_batch_size=batch):
     pred = np.asarray(predict(b["image"])).argmax(-1)
-    correct += int(((pred == b["labels"]) & b["mask"]).sum())
+    correct += int(((pred == b["labels"].argmax(-1)) & b["mask"]).sum())
     total += int(b["mask"].sum())
   return correct / max(total, 1), total
 

@@ -118,7 +118,7 @@ def test_finetune_starts_from_the_pretrained_encoder_exactly(pretrained, method,
   assert (c.init_from.path, c.init_from.subtree) == (str(workdir), "encoder")
   got, t = initial_params(c, tmp_path / "finetune")
   # The same run's fresh init (what initial_state makes before taking the pretrained params).
-  fresh = flat(sharding.init_sharded(t._init_state, t.mesh)[0]["params"])
+  fresh = flat(sharding.init_sharded(t._init_state, t.mesh, t.rules)[0]["params"])
   encoder = flat(ckpt_lib.load_params(str(workdir))["encoder"])
 
   assert set(got) == set(fresh)

@@ -619,8 +619,8 @@ def test_shrink_phases_set_the_token_counts_in_training_only():
   variables = jax.eval_shape(model.init, rngs, images)
 
   def tokens(phase, train=True):  # token counts are static: tracing the apply tells them
-    with base.schedule_phase(phase):
-      _, aux = jax.eval_shape(functools.partial(model.apply, train=train, rngs=rngs), variables, images)
+    _, aux = jax.eval_shape(functools.partial(model.apply, train=train, phase=phase, rngs=rngs),
+                            variables, images)
     return aux["blocks"]["block_00"].shape[1]
 
   def count(r):  # tokens after EViT: class, ceil(r * 64) kept, the fused token if any dropped

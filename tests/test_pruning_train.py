@@ -89,9 +89,8 @@ def test_phase_sets_the_token_counts_of_the_traced_program():
   params = model.init(jax.random.key(0), images)["params"]
 
   def tokens(phase, train=True):
-    with rbase.schedule_phase(phase):
-      _, aux = jax.eval_shape(lambda p: model.apply({"params": p}, images, train=train,
-                                                    rngs={"dropout": jax.random.key(0)}), params)
+    _, aux = jax.eval_shape(lambda p: model.apply({"params": p}, images, train=train, phase=phase,
+                                                  rngs={"dropout": jax.random.key(0)}), params)
     return aux["blocks"]["block_01"].shape[1] - 1
   # Phase midpoints 0.3 and 0.5: rates 0.5 + 0.5 (cos(pi/4) + 1) / 2 and 0.5 + 0.5 (cos(3pi/4) + 1) / 2.
   mid = [0.5 + 0.5 * (np.cos(np.pi * f) + 1) / 2 for f in (0.25, 0.75)]

@@ -192,7 +192,7 @@ def _eval_data(config):
   """The eval split as the pipeline serves it, padded, and its real rows."""
   batches = list(pipeline.eval_iterator(config.data, global_batch_size=config.batch_size))
   images = np.concatenate([b["image"] for b in batches])
-  labels = np.concatenate([b["labels"] for b in batches])
+  labels = np.concatenate([b["labels"] for b in batches]).argmax(-1)  # one-hot -> int
   mask = np.concatenate([b["mask"] for b in batches])
   assert len(mask) == 256 and mask.sum() == EVAL_EXAMPLES and mask[:EVAL_EXAMPLES].all()
   return images[mask], labels[mask]

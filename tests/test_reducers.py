@@ -130,7 +130,7 @@ def test_token_state_gather_moves_every_per_token_field():
     src = np.asarray(getattr(state, name))
     want = np.stack([src[b][np.asarray(idx[b])] for b in range(2)])
     np.testing.assert_array_equal(getattr(out, name), want, err_msg=name)
-  assert out.num_prefix == 1 and out.grid == (1, 5)
+  assert out.num_prefix == 1 and out.grid.hw == (1, 5) and out.grid.num_patches == 5
 
 
 def test_plan_is_static_and_scan_rejects_shape_changes():
@@ -163,7 +163,7 @@ def test_reducer_may_not_eat_protected_tokens():
 
 @base.register("skip_block")
 class SkipBlock(base.Reducer):
-  """The README's two-stage example, verbatim."""
+  """docs/reducers.md's two-stage example, verbatim."""
   stages = (base.PRE_BLOCK, base.POST_BLOCK)
   changes_shape = False
 

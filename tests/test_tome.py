@@ -304,3 +304,56 @@ def test_tome_and_dense_training_runs_both_learn(tmp_path):
     summary, losses = run(arg)
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.05, (arg, losses[:8], losses[-8:])
     assert summary["eval"]["loss"] < np.log(10) - 0.02, (arg, summary["eval"])
+
+
+def test_random_matching_draws_its_own_key_at_every_layer(monkeypatch):
+  """matching="random" splits each layer's tokens with a key of that layer: the same key at
+  every layer would tie the layers' splits together (identical noise wherever their token
+  counts agree). The keys and splits each layer draws are read from inside the jitted apply."""
+  depth, batch = 4, 1
+  model = vit.Model(10, variant="Ti/8", depth=depth, pool_type="gap", head_zeroinit=False,
+                    token_reduction={"method": "tome", "r": 2, "matching": "random"})
+  assert model.rng_streams() == {"reduction"}
+  images = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
+  variables = model.init({"params": jax.random.key(1), "reduction": jax.random.key(2)}, images)
+
+  seen, traced = {}, []
+  original = tome.random_bipartite_soft_matching
+
+  def spy(metric, r, rng, num_protected=0):
+    m = original(metric, r, rng, num_protected)
+    call = len(traced)  # layers trace in order: call i is layer i
+    traced.append(r)
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    jax.debug.callback(lambda k, a, b: seen.__setitem__(call, (np.asarray(k), np.asarray(a),
+                                                              np.asarray(b))),
+                       data, m.a_idx, m.b_idx)
+    return m
+
+  monkeypatch.setattr(tome, "random_bipartite_soft_matching", spy)
+  apply = jax.jit(lambda v, x, k: model.apply(v, x, rngs={"reduction": k}))
+  logits, aux = apply(variables, images, jax.random.key(3))
+  jax.effects_barrier()
+  assert traced == [2] * depth and sorted(seen) == list(range(depth))
+  assert aux["state"].num_tokens == 16 - 2 * depth
+  keys = [seen[i][0].tobytes() for i in range(depth)]
+  assert len(set(keys)) == depth, "two layers drew the same random-matching key"
+  # The splits differ: no two layers order the positions they all have alike (with one
+  # example and partitionable threefry, one key shared by the layers would order them alike).
+  perms = [np.concatenate([seen[i][1], seen[i][2]], axis=1) for i in range(depth)]
+  common = min(p.shape[1] for p in perms)
+  ranks = [np.argsort(np.argsort(p, axis=1)[:, :common], axis=1) for p in perms]
+  assert all(not np.array_equal(ranks[i], ranks[j]) for i in range(depth) for j in range(i))
+
+  # The keys follow the apply's "reduction" key: the same key draws the same splits (and
+  # logits), another key draws other splits at every layer.
+  seen.clear()
+  again, _ = apply(variables, images, jax.random.key(3))
+  jax.effects_barrier()
+  np.testing.assert_array_equal(again, logits)
+  assert [seen[i][0].tobytes() for i in range(depth)] == keys
+  seen.clear()
+  apply(variables, images, jax.random.key(4))
+  jax.effects_barrier()
+  other = [seen[i][0].tobytes() for i in range(depth)]
+  assert len(set(other)) == depth and not set(other) & set(keys)

@@ -198,3 +198,34 @@ def test_parse_arg_types_and_rejects_unknown():
     config_lib.parse_arg("steps=5k", steps=1)
   with pytest.raises(ValueError, match=r"config argument lr='fast' is not a float"):
     config_lib.parse_arg("lr=fast", lr=0.1)
+
+
+def test_grad_accumulation_averages_the_micro_batch_gradients(tmp_path):
+  """Plain SGD moves params by exactly lr * grad, so accumulating micro-batch gradients must
+  give the one-batch step: their mean, not their sum (AdamW, above, is blind to that scale)."""
+  kw = {"total_steps": 2, "eval_every_steps": 0, "checkpoint.every_steps": 2,
+        "optim.name": "sgd", "optim.momentum": 0.0, "optim.lr": 0.5, "optim.weight_decay": 0.0,
+        "schedule.warmup_steps": 0, "schedule.decay": "constant",
+        "model.depth": 1, "data.image_size": 32, "data.train_examples": 64,
+        "data.eval_examples": 32}
+  t = trainer.Trainer(smoke_config(**kw), str(tmp_path / "init"))
+  _, state = t.initial_state(None)
+  init = jax.device_get(state["params"])
+  t.checkpointer.close()
+  deltas = {}
+  for accum in (1, 2):
+    workdir = tmp_path / f"accum{accum}"
+    trainer.run(smoke_config(**kw, grad_accum_steps=accum), str(workdir))
+    deltas[accum] = jax.tree.map(lambda p, p0: np.asarray(p, np.float64) - p0,
+                                 ckpt_lib.load_params(str(workdir)), init)
+    records = [r for r in read_jsonl(str(workdir / "metrics.jsonl")) if r["split"] == "train"]
+    deltas[accum, "grad_norm"] = [r["grad_norm"] for r in records]
+  # Dropout-free model, same global batch: both steps are the same up to float rounding.
+  flat_one = jax.tree_util.tree_leaves_with_path(deltas[1])
+  flat_two = dict(jax.tree_util.tree_leaves_with_path(deltas[2]))
+  assert max(np.abs(d).max() for _, d in flat_one) > 1e-3  # the steps moved the params
+  for path, d_one in flat_one:
+    np.testing.assert_allclose(flat_two[path], d_one, rtol=1e-3,
+                               atol=1e-4 * np.abs(d_one).max() + 1e-9,
+                               err_msg=jax.tree_util.keystr(path))
+  np.testing.assert_allclose(deltas[2, "grad_norm"], deltas[1, "grad_norm"], rtol=1e-4)

@@ -43,13 +43,13 @@ def test_bad_meshes(cfg, pattern):
     ("step", (), P()),
 ])
 def test_rules_place_leaves_by_path(mesh, path, shape, spec):
-  assert sharding.spec_for(path, shape, mesh) == spec
+  assert sharding.spec_for(path, shape, mesh, vit.SHARDING_RULES) == spec
 
 
 def test_init_sharded_creates_the_state_in_place(mesh):
   model = vit.Model(10, variant="Ti/8", width=64, num_heads=4, depth=2, mlp_dim=128)
   init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  state, shardings = sharding.init_sharded(init, mesh)
+  state, shardings = sharding.init_sharded(init, mesh, vit.SHARDING_RULES)
   qkv = state["params"]["block_00"]["attn"]["qkv"]["kernel"]
   assert qkv.sharding.spec == P("fsdp", None, "tensor", None)
   assert qkv.addressable_shards[0].data.shape == (32, 3, 2, 16)

@@ -12,6 +12,9 @@ import time
 import jax
 import numpy as np
 
+from vitoken.convert import from_timm
+from vitoken.convert.torch_reference import import_timm
+
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -21,9 +24,7 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
 
-  import torch  # pylint: disable=import-outside-toplevel
-  from vitoken.convert import from_timm  # pylint: disable=import-outside-toplevel
-  from vitoken.convert.torch_reference import import_timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel  (heavy; only the demo needs it)
   timm = import_timm()
 
   torch.manual_seed(args.seed)

@@ -1,16 +1,24 @@
 """Pictures of what token reduction did (which patches ended up in the same token) and of
-masked-modeling reconstructions."""
+masked-modeling reconstructions.
+
+A `grid` is the model's patch grid: a `PatchGrid` (e.g. `TokenState.grid`, of one frame) or
+its (gh, gw).
+"""
 import io
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from vitoken.models.patches import PatchGrid, spatial_grid
 
-def token_groups(source, num_prefix: int, grid: Sequence[int]) -> np.ndarray:
+Grid = Union[PatchGrid, Sequence[int]]
+
+
+def token_groups(source, num_prefix: int, grid: Grid) -> np.ndarray:
   """[gh, gw] map: the index of the token that holds each patch (one example's source [N, N0])."""
   source = np.asarray(source)
-  return source[:, num_prefix:].argmax(axis=0).reshape(tuple(grid))
+  return source[:, num_prefix:].argmax(axis=0).reshape(spatial_grid(grid))
 
 
 def _rgb01(image) -> np.ndarray:
@@ -29,7 +37,7 @@ def _rgb01(image) -> np.ndarray:
 DROPPED, FUSED = -1, -2  # `token_fates` codes of patches that no kept token holds
 
 
-def token_fates(num_prefix: int, grid: Sequence[int], *, ids=None, source=None) -> np.ndarray:
+def token_fates(num_prefix: int, grid: Grid, *, ids=None, source=None) -> np.ndarray:
   """[gh, gw] map of what became of each patch, for one example: the index of the token that
   holds it (merged patches share one), FUSED where only a fused or learned token holds it
   (EViT's fused token), DROPPED where no token does (pruned).
@@ -38,7 +46,7 @@ def token_fates(num_prefix: int, grid: Sequence[int], *, ids=None, source=None) 
   fusions; `ids` [N] (TokenState.ids, or a pruning layer's recorded "ids") is enough for
   pruning alone: each kept id holds its own patch and every other patch counts as dropped.
   """
-  gh, gw = grid
+  gh, gw = spatial_grid(grid)
   if source is not None:
     source = np.asarray(source, np.float32)[:, num_prefix:]
     if ids is not None:
@@ -75,7 +83,7 @@ def _outlined(out, pixel_groups) -> np.ndarray:
   return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
-def merge_groups_image(image, source, *, num_prefix: int, grid: Sequence[int]) -> np.ndarray:
+def merge_groups_image(image, source, *, num_prefix: int, grid: Grid) -> np.ndarray:
   """Paints every group of merged patches with its mean colour, outlined, as ToMe's figures do.
 
   image: [H, W, C] (uint8, or float in [0, 1] / [-1, 1]); source: [N, N0] for this example.
@@ -107,7 +115,7 @@ def _paint_fates(img, fates) -> np.ndarray:
   return _outlined(out, pixel_groups)
 
 
-def survivors_image(image, *, num_prefix: int, grid: Sequence[int], ids=None, source=None
+def survivors_image(image, *, num_prefix: int, grid: Grid, ids=None, source=None
                     ) -> np.ndarray:
   """Which patches survive token reduction, over the image (see `token_fates`): kept patches
   as they are, merged groups in their mean colour, pruned patches dimmed, fused ones dimmed in
@@ -115,14 +123,14 @@ def survivors_image(image, *, num_prefix: int, grid: Sequence[int], ids=None, so
   return _paint_fates(_rgb01(image), token_fates(num_prefix, grid, ids=ids, source=source))
 
 
-def save_survivors_png(path: str, image, *, num_prefix: int, grid: Sequence[int], ids=None,
+def save_survivors_png(path: str, image, *, num_prefix: int, grid: Grid, ids=None,
                        source=None, scale: int = 1) -> str:
   """Writes the original image and its surviving tokens side by side as a PNG."""
   painted = survivors_image(image, num_prefix=num_prefix, grid=grid, ids=ids, source=source)
   return _save_side_by_side(path, image, painted, scale)
 
 
-def save_merge_png(path: str, image, source, *, num_prefix: int, grid: Sequence[int],
+def save_merge_png(path: str, image, source, *, num_prefix: int, grid: Grid,
                    scale: int = 1) -> str:
   """Writes the original image and its merged groups side by side as a PNG."""
   painted = merge_groups_image(image, source, num_prefix=num_prefix, grid=grid)

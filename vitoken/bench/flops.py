@@ -14,7 +14,6 @@ from typing import Dict, List, Tuple
 import jax
 
 
-
 def compiled_flops(compiled) -> float:
   """FLOPs XLA's cost analysis gives a compiled program (nan when it gives none)."""
   cost = compiled.cost_analysis()
@@ -34,8 +33,7 @@ def token_counts(model, params, images) -> Tuple[List[int], List[int]]:
   else:
     counts = [int(v.shape[1]) for _, v in sorted(blocks.items())]
     attended = [int(v.shape[-1]) for _, v in sorted(attention.items())]
-  grid = [images.shape[1 + i] // model.patch_size[i] for i in range(2)]
-  return [grid[0] * grid[1] + model.num_prefix] + counts, attended
+  return [model.patch_grid(images.shape[1:3]).num_patches + model.num_prefix] + counts, attended
 
 
 def tokens_string(counts: List[int]) -> str:

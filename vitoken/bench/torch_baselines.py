@@ -7,11 +7,12 @@ import statistics
 import time
 from typing import Any, Dict, List, Optional
 
+from vitoken.convert.torch_reference import import_timm
+
 
 def missing() -> Optional[str]:
   """Why the torch baselines cannot run here (None when they can)."""
   try:
-    from vitoken.convert.torch_reference import import_timm  # pylint: disable=import-outside-toplevel
     import_timm()
   except Exception as e:  # pylint: disable=broad-except
     return f"torch/timm not importable: {type(e).__name__}: {e}"
@@ -20,14 +21,13 @@ def missing() -> Optional[str]:
 
 def _tome():
   try:
-    import tome  # pylint: disable=import-outside-toplevel
+    import tome  # pylint: disable=import-outside-toplevel  (optional: the ToMe reference, with torch)
     return tome
   except ImportError:
     return None
 
 
 def _timm_vit(fields: Dict[str, Any], image_size: int):
-  from vitoken.convert.torch_reference import import_timm  # pylint: disable=import-outside-toplevel
   timm = import_timm()
   width = fields["width"]
   return timm.models.vision_transformer.VisionTransformer(

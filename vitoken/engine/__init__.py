@@ -1,5 +1,6 @@
 """The engine floor: optimizers, checkpoints, sharding, metrics and multi-process start-up.
 
-Everything here knows arrays, meshes and files, never a task or a model family: the trainer,
-`vitoken.load` and the tasks all stand on it, and it imports none of them.
+It stands on the models and the converters (it restores a big_vision `.npz`, and takes the
+plain ViT's layer-decay groups as the default) but knows no task and no training loop: the
+trainer, `vitoken.load` and the tasks all stand on it, and it imports none of them.
 """

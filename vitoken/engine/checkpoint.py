@@ -25,12 +25,13 @@ from etils import epath
 import flax.traverse_util as traverse_util
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from vitoken import paths
-from vitoken.models import layout, posemb as posemb_lib
+from vitoken import convert, paths
+from vitoken.models import layout
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,6 @@ def find_checkpoint(path) -> str:
 
 def load_run_config(path):
   """The config a run saved with its checkpoint (its workdir, checkpoints dir or a step)."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   state_dir = epath.Path(find_checkpoint(path))
   meta = state_dir.parent / "meta" / "metadata"
   if not meta.exists():
@@ -242,8 +242,7 @@ def load_run_config(path):
 def load_params(path, *, image_size=None, channels: int = 3):
   """Params of another run (its workdir or checkpoint) or a big_vision `.npz`, as numpy."""
   if os.fspath(path).endswith(".npz"):
-    from vitoken.convert import from_big_vision  # pylint: disable=import-outside-toplevel
-    _, params = from_big_vision(_read_npz(path), image_size=image_size)
+    _, params = convert.from_big_vision(_read_npz(path), image_size=image_size)
     return jax.tree.map(np.asarray, params)
   ckpt = find_checkpoint(path)
   try:
@@ -280,12 +279,13 @@ def _read_npz(path):
     raise ValueError(f"cannot read {source} as an .npz checkpoint: {e}") from e
 
 
-def merge_params(target, loaded, *, exclude: Optional[str] = None, grid=None, num_prefix_pos=0,
-                 posemb_method: str = "bilinear"):
+def merge_params(target, loaded, *, exclude: Optional[str] = None, adapt=None):
   """Takes `loaded` values into `target`'s structure.
 
-  Leaves whose path matches `exclude` keep the target's values (a new head, say). A learned
-  position embedding is resized to the target's patch grid. Any other mismatch is an error.
+  Leaves whose path matches `exclude` keep the target's values (a new head, say). A leaf whose
+  shape differs goes through `adapt(path, value, target_shape)`, the model's own knowledge
+  (`VisionTransformer.adapt_loaded` resizes a learned position embedding), which returns the
+  fitted value or raises ValueError. Any mismatch left is an error.
   """
   t_scanned, l_scanned = "blocks" in target, "blocks" in loaded
   if l_scanned and not t_scanned:
@@ -305,14 +305,12 @@ def merge_params(target, loaded, *, exclude: Optional[str] = None, grid=None, nu
       problems.append(f"missing {key} {tuple(value.shape)}")
       continue
     new = np.asarray(flat_l[key])
-    if key == "pos_embedding" and new.shape != value.shape and grid is not None:
-      old_n = new.shape[1] - num_prefix_pos
-      side = int(round(np.sqrt(old_n)))
-      if side * side != old_n:
-        problems.append(f"pos_embedding {new.shape}: not a square grid, cannot resize")
+    if adapt is not None and new.shape != tuple(value.shape):
+      try:
+        new = np.asarray(adapt(key, new, tuple(value.shape)))
+      except ValueError as e:
+        problems.append(str(e))
         continue
-      new = np.asarray(posemb_lib.resize_posemb(new, (side, side), grid, num_prefix=num_prefix_pos,
-                                                method=posemb_method))
     if new.shape != tuple(value.shape):
       problems.append(f"{key}: checkpoint {new.shape} vs model {tuple(value.shape)}")
       continue

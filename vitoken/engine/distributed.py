@@ -10,8 +10,13 @@ flags, before anything touches a device.
 """
 import logging
 import os
+import socket
+import threading
+import time
+import uuid
 from typing import Optional
 
+from etils import epath
 import jax
 
 log = logging.getLogger(__name__)
@@ -86,11 +91,6 @@ class PrimaryClaim:
 
   def __init__(self, workdir, *, heartbeat_s: float = 10.0, stale_s: float = 45.0, clock=None,
                sleep=None):
-    import socket  # pylint: disable=import-outside-toplevel
-    import threading  # pylint: disable=import-outside-toplevel
-    import time  # pylint: disable=import-outside-toplevel
-    import uuid  # pylint: disable=import-outside-toplevel
-    from etils import epath  # pylint: disable=import-outside-toplevel
     self._clock = clock or time.time
     self._sleep = sleep or time.sleep
     self._host = socket.gethostname()

@@ -14,18 +14,20 @@ the same masks). Random draws come from `source.uniform(a, b)` and `source.randi
 (inclusive) in the reference's order, so a `random.Random` reproduces it draw for draw.
 """
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
+
+from vitoken.models.patches import PatchGrid, spatial_grid
 
 # BEiT's ImageNet setting: 75 of the 14 x 14 patches of a 224 px image with 16 px patches.
 REFERENCE_BUDGET, REFERENCE_PATCHES = 75, 196
 ATTEMPTS = 10
 
 
-def default_budget(grid: Sequence[int]) -> int:
+def default_budget(grid: Union[PatchGrid, Sequence[int]]) -> int:
   """BEiT's 75 of 196 patches (about 40%) scaled to a grid of another size."""
-  gh, gw = tuple(grid)
+  gh, gw = spatial_grid(grid)
   return max(1, int(round(REFERENCE_BUDGET * gh * gw / REFERENCE_PATCHES)))
 
 
@@ -43,11 +45,14 @@ class GeneratorSource:
 
 
 class BlockMasking:
-  """`BlockMasking(grid)(source)` -> bool [gh, gw], True where a patch is masked."""
+  """`BlockMasking(grid)(source)` -> bool [gh, gw], True where a patch is masked; `grid` is a
+  PatchGrid (of one frame), a (gh, gw) pair or one int for a square grid."""
 
   def __init__(self, grid, budget: Optional[int] = None, min_patches: int = 16,
                max_patches: Optional[int] = None, min_aspect: float = 0.3,
                max_aspect: Optional[float] = None):
+    if isinstance(grid, PatchGrid):
+      grid = spatial_grid(grid)
     grid = (grid, grid) if isinstance(grid, (int, np.integer)) else tuple(grid)
     if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1
                              for g in grid):

@@ -40,6 +40,7 @@ def _auto_name(name: str) -> bool:
 # decays as a layer before the first block, the head as one after the last.
 STEM_NAMES = ("embedding", "cls", "registers", "pos_embedding", "norm_pre")
 HEAD_NAMES = ("encoder_norm", "fc_norm", "map_head", "pre_logits", "head")
+LAYER_DECAY_GROUPS = {**{n: "stem" for n in STEM_NAMES}, **{n: "head" for n in HEAD_NAMES}}
 
 # Names the block and the ViT give their own submodules, parameters and carried arrays; a
 # reducer entry may not take them.
@@ -268,8 +269,7 @@ class VisionTransformer(nn.Module):
 
   def layer_decay_groups(self) -> Dict[str, str]:
     """{top-level parameter name: "stem" | "head"} for everything outside the blocks."""
-    groups = {n: "stem" for n in STEM_NAMES}
-    groups.update({n: "head" for n in HEAD_NAMES})
+    groups = dict(LAYER_DECAY_GROUPS)
     groups.update(self.plan().layer_decay_groups())
     return groups
 

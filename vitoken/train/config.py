@@ -7,15 +7,14 @@ Sections owned by other modules (`data`, `optim`, `schedule`, `model`) are check
 import ml_collections
 
 from vitoken import settings as settings_lib
+from vitoken.data import pipeline
+from vitoken.engine import optim
 
 # Sections whose keys are checked by their owner, not against the defaults below.
 FREE_FORM = ("model", "eval_model_overrides", "data", "optim", "schedule", "task")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
-  from vitoken.engine import optim  # pylint: disable=import-outside-toplevel
-
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1000

@@ -7,6 +7,7 @@ on the task or the token-reduction method (reducers' auxiliary losses arrive in 
 pins its in/out shardings, and the host reads metrics only every `log_every_steps` (that is
 also where a NaN loss is caught, naming its exact step, before any checkpoint can store it).
 """
+import functools
 import json
 import logging
 import os
@@ -107,6 +108,11 @@ class Trainer:
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+
+  @property
+  def model(self):
+    """The task's train model (a k-means task has none: this raises there)."""
+    return self.task.model
 
   def _check_batch(self):
     c = self.config
@@ -210,15 +216,14 @@ class Trainer:
 
   def _init_from(self, state):
     c = self.config.init_from
-    backbone = self.task.backbone()  # the ViT whose position embedding may need resizing
-    grid = (self.info.image_shape[0] // backbone.patch_size[0],
-            self.info.image_shape[1] // backbone.patch_size[1])
+    backbone = self.task.backbone()  # the ViT that knows how to fit loaded params (posemb)
     loaded = ckpt_lib.subtree(ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2]),
                               c.subtree, c.path)
+    adapt = functools.partial(backbone.adapt_loaded, image_size=self.info.image_shape[:2],
+                              method=c.posemb_resize)
     params, kept = ckpt_lib.merge_params(
         jax.tree.map(np.asarray, jax.device_get(state["params"])), loaded, exclude=c.exclude or None,
-        grid=grid, num_prefix_pos=backbone.num_prefix if backbone.posemb_prefix else 0,
-        posemb_method=c.posemb_resize)
+        adapt=adapt)
     log.info("init_from %s (kept fresh: %s)", c.path, kept)
     params = jax.device_put(params, self.state_shardings["params"])
     state = dict(state, params=params)

@@ -16,7 +16,7 @@ compressed self-attention and MLP are the ViT's blocks, so a timm/big_vision che
 embedding, position embedding and blocks load as they are (the cross-attention starts from its
 initialisers).
 
-Choices where the paper leaves a detail open (see also the README's LookupViT notes):
+Choices where the paper leaves a detail open (see also docs/token_learners.md):
 - compressed tokens are a bilinear, antialiased resize of the lookup grid (a fixed linear map,
   `resize_matrix`), so their positions are the resized position embeddings; any grid up to
   the patch grid runs with the same parameters, which is how one trained model trades compute

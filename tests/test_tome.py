@@ -311,11 +311,13 @@ def test_random_matching_draws_its_own_key_at_every_layer(monkeypatch):
   every layer would tie the layers' splits together (identical noise wherever their token
   counts agree). The keys and splits each layer draws are read from inside the jitted apply."""
   depth, batch = 4, 1
-  model = vit.Model(10, variant="Ti/8", depth=depth, pool_type="gap", head_zeroinit=False,
+  model = vit.Model(10, patch_size=(8, 8), width=32, depth=depth, num_heads=2, mlp_dim=64,
+                    pool_type="gap", head_zeroinit=False,
                     token_reduction={"method": "tome", "r": 2, "matching": "random"})
   assert model.rng_streams() == {"reduction"}
   images = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
-  variables = model.init({"params": jax.random.key(1), "reduction": jax.random.key(2)}, images)
+  variables = jax.jit(model.init)({"params": jax.random.key(1), "reduction": jax.random.key(2)},
+                                  images)
 
   seen, traced = {}, []
   original = tome.random_bipartite_soft_matching

@@ -30,6 +30,11 @@ TRAINED_RUN_FIXTURES = (
     "run",  # test_loading: a 4-step run (the file is slow anyway)
 )
 
+# Other fixtures that take long to set up; their users are slow too.
+SLOW_FIXTURES = (
+    "cpu_bench",  # test_bench: configs/bench.py:cpu,tiny run through vitoken.bench (64 s setup)
+)
+
 # Single tests ("file::name", any parametrization), with why.
 SLOW_TESTS = (
     # Short trainings that must learn (tens of steps each).
@@ -55,6 +60,30 @@ SLOW_TESTS = (
     "test_paths.py::test_training_resume_and_init_from_in_a_bucket",
     "test_paths.py::test_unreadable_checkpoint_in_a_bucket_is_set_aside",
     "test_train_distributed.py::test_trainer_refuses_a_workdir_another_process_zero_writes",
+    # Two `python -m vitoken.train` subprocesses and a one-process reference run (56 s).
+    "test_train_distributed.py::test_replicas_across_processes_feed_identical_rows",
+    # Fits a tokenizer (fitting.fit, 4 steps): 8 s warm, 12 s cold.
+    "test_tokenizers.py::test_fsq_fit_and_load_give_the_trained_codes",
+    # A fresh interpreter per entry point (7 subprocesses, 15 s together warm).
+    "test_layout.py::test_each_entry_point_imports_first_in_a_fresh_interpreter",
+    # Measured with --durations on the fast tier, 2 CPU cores shared with other work:
+    # seconds with a warm compile cache / a cold one.
+    "test_lookup.py::test_lookup_runs_on_a_converted_timm_checkpoint",  # - / 111
+    "test_lookup.py::test_overfits_one_batch_and_gradients_reach_both_directions",  # - / 49, trains
+    "test_reducers.py::test_readme_two_stage_example_halves_the_block_update",  # 12.9 / 30
+    "test_tome.py::test_no_recompilation_across_batches_and_gradients_flow",  # 12.3 / 23
+    # Eager inits that only check an error message: 5.8 + 5.0 / 33 + 33.
+    "test_masked_modeling.py::test_pretraining_refuses_reducers_that_change_the_token_count",
+    # An eager Ti/8 init at 64 px before the error at layer 1: 6.5 / 15.4. The other cases of
+    # the test stay fast.
+    "test_tome.py::test_bad_tome_configs_name_the_layer_and_count[spec0-*",
+    # Scan vs unrolled under one more remat policy: 7.9 / 18.9 (None and nothing_saveable stay).
+    "test_vit.py::test_scan_equals_unrolled_layers[dots_saveable]",
+    # The larger timm ViTs; the tiny ones (and small at patch 8) keep every conversion path.
+    "test_convert_timm.py::test_logits_match_timm[vit_base_patch16_224-default]",  # 4.4 / 26.3
+    "test_convert_timm.py::test_logits_match_timm[vit_base_patch32_224-default]",  # 3.5 / 19.5
+    "test_convert_timm.py::test_logits_match_timm[vit_small_patch16_224-default]",  # 4.9 / 17.6
+    "test_convert_timm.py::test_logits_match_timm[vit_small_patch16_224-global_pool=avg]",  # 2.8 / 14
 )
 
 
@@ -64,7 +93,10 @@ def is_slow(nodeid: str, fixturenames) -> bool:
   name = os.path.basename(path)
   if name in SLOW_FILES:
     return True
-  if set(fixturenames) & set(TRAINED_RUN_FIXTURES):
+  if set(fixturenames) & set(TRAINED_RUN_FIXTURES + SLOW_FIXTURES):
     return True
-  test = rest.split("[", 1)[0]
-  return f"{name}::{test}" in SLOW_TESTS
+  # An entry names a test (every parametrization), one parametrization ("...::test[id]"), or
+  # those whose id starts with what precedes a final "*".
+  key = f"{name}::{rest}"
+  return any(key == e or key.split("[", 1)[0] == e or (e.endswith("*") and key.startswith(e[:-1]))
+             for e in SLOW_TESTS)

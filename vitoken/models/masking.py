@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vitoken.models.patches import PatchGrid
-from vitoken.models.reducers import base
+from vitoken.models import gathers
 from vitoken.settings import pair
 
 Pair = Union[int, Sequence[int]]
@@ -81,7 +81,7 @@ def random_masking(x, mask_ratio: float, noise):
   """
   check_noise(noise, *x.shape[:2])
   ids_keep, mask, ids_restore = mae_mask(noise, mask_ratio)
-  return base.take_tokens(x, ids_keep), mask, ids_restore
+  return gathers.take_tokens(x, ids_keep), mask, ids_restore
 
 
 def simmim_mask_count(cells: int, mask_ratio: float) -> int:

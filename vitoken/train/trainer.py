@@ -68,6 +68,10 @@ class Trainer:
     self._check_batch()
     self.info = pipeline.dataset_info(config.data)
     self.task = tasks_lib.build(config, self.info)
+    if self.task.uses_optimizer:
+      # Built before anything is traced: building may read files (BEiT's tokenizer), which
+      # must not happen inside `jax.eval_shape`.
+      self.task.models()
 
     self.example = self.task.example_batch()
     abstract_params = jax.eval_shape(self.task.init_params, jax.random.key(0), self.example)

@@ -90,7 +90,7 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
   # Registers the built-in methods. Function-local because the package imports the method
   # modules, which import the contract (and this module, through `base`): a module-level
   # import here would be a cycle.
-  from vitoken.models import reducers as _  # noqa: F401  pylint: disable=import-outside-toplevel
+  from vitoken.models import reducers as _builtin  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
   spec = settings_lib.plain(token_reduction)
   if spec is None or spec == {} or spec == ():

@@ -3,14 +3,13 @@ token gather every reducer moves tokens with (`take_tokens`, checkable with `che
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from jax.experimental import checkify
 import flax
 import jax
 import jax.numpy as jnp
 
+from vitoken.models.gathers import _DEBUG, checked_gathers, run_checked, take_tokens  # noqa: F401  (part of the state's API)
 from vitoken.models.patches import PatchGrid
 
 # `TokenState.ids` of a token that is no single input position (a learned or fused token).
@@ -22,45 +21,6 @@ MERGE_MODES = ("mean", "sum", "max", "keep")
 
 # The grid of a state built without one (nothing that reads the grid can run on it).
 EMPTY_GRID = PatchGrid((1, 1), (0, 0))
-
-_DEBUG = {"checked_gathers": False}
-
-
-@contextlib.contextmanager
-def checked_gathers(enabled: bool = True):
-  """Debug switch: inside it, every token gather checks its indices (checkify user checks).
-
-  Functions traced inside must run under `checkify.checkify(...)` (see `run_checked`); an
-  index outside the token axis then raises instead of filling NaN.
-  """
-  previous = _DEBUG["checked_gathers"]
-  _DEBUG["checked_gathers"] = enabled
-  try:
-    yield
-  finally:
-    _DEBUG["checked_gathers"] = previous
-
-
-def run_checked(fn: Callable, *args, **kwargs):
-  """Calls `fn` with checked gathers, raising on any out-of-range token index."""
-  with checked_gathers():
-    err, out = checkify.checkify(fn, errors=checkify.user_checks)(*args, **kwargs)
-  err.throw()
-  return out
-
-
-def take_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
-  """Batched gather along the token axis: x [B, T, ...], indices [B, K] -> [B, K, ...].
-
-  Unchecked (see `checked_gathers`), an index >= T fills (NaN for floats) and a negative one
-  counts from the end, as numpy's; neither is an error.
-  """
-  if _DEBUG["checked_gathers"]:
-    t = x.shape[1]
-    checkify.check(jnp.all((indices >= 0) & (indices < t)),
-                   f"token gather index out of range for {t} tokens (shape {tuple(x.shape)})")
-  return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
-
 
 @flax.struct.dataclass
 class TokenState:

@@ -49,6 +49,7 @@ _EXTRAS = {
         "nbformat>=5.9",
         "ipykernel>=6.29",
         "tensorboard>=2.16",  # an independent reader for the event files the trainer writes
+        "ruff>=0.6,<1",  # the linter .ci/run runs before the tests (ruff.toml)
     ],
     "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
     "gpu-cuda13": ["jax[cuda13]>=0.10.0,<0.12"],
@@ -66,4 +67,5 @@ setuptools.setup(
     install_requires=_INSTALL_REQUIRES,
     extras_require=_EXTRAS,
     license="Apache-2.0",
+    license_files=["LICENSE"],
 )

@@ -58,6 +58,23 @@ def test_different_process_count_stops(workdir):
   assert _steps(workdir) == [4, 8]
 
 
+def test_checkpoints_record_their_format_and_a_newer_one_is_refused(workdir):
+  meta = workdir / "checkpoints" / "8" / "meta" / "metadata"
+  record = json.loads(meta.read_text())
+  assert record["format_version"] == ckpt_lib.FORMAT_VERSION
+  record["format_version"] = ckpt_lib.FORMAT_VERSION + 1
+  meta.write_text(json.dumps(record))
+  newer = rf"format {ckpt_lib.FORMAT_VERSION + 1}, written by a newer vitoken"
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match=rf"step 8 .* {newer}"):
+    trainer.run(smoke_config(), str(workdir))
+  with pytest.raises(ValueError, match=newer):
+    ckpt_lib.load_run_config(str(workdir))
+  del record["format_version"]  # written before the number was recorded: format 1
+  meta.write_text(json.dumps(record))
+  assert ckpt_lib.load_run_config(str(workdir)).total_steps == 8
+  assert _steps(workdir) == [4, 8]
+
+
 @pytest.mark.parametrize("error", [
     OSError(errno.EACCES, "Permission denied"),
     OSError(errno.ETIMEDOUT, "Connection timed out"),

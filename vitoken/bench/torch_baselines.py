@@ -54,7 +54,7 @@ def _timed(run, sync, batch: int, windows: int, iters: int, warmup: int) -> Dict
 def bench(fields: Dict[str, Any], *, name: str, image_size: int, batch_sizes, modes, dtype: str,
           tome_rs=(), windows: int = 5, iters: int = 5, warmup: int = 2) -> List[Dict[str, Any]]:
   """Rows like vitoken.bench.core's for timm (and the ToMe reference at each r of `tome_rs`)."""
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel  (heavy and optional)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "", torch.float32)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

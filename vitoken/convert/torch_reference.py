@@ -8,7 +8,7 @@ import importlib
 
 
 def import_timm():
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel  (heavy and optional)
   try:
     torch.ops.torchvision.nms  # noqa: B018  (present when torchvision's C++ ops load)
   except (AttributeError, RuntimeError):

@@ -63,7 +63,7 @@ class ClutteredDigitsConfig(tfds.core.BuilderConfig):
 def load_glyphs() -> Tuple[np.ndarray, np.ndarray]:
   """The 1,797 UCI glyphs as float32 [N, 8, 8] in [0, 1], and their int64 labels [N]."""
   # Imported lazily: scikit-learn is only needed when building, never when reading.
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top  (heavy; only the first build needs it)
   digits = sk_datasets.load_digits()
   glyphs = (digits.images / GLYPH_MAX).astype(np.float32)
   return glyphs, digits.target.astype(np.int64)

@@ -35,6 +35,10 @@ from vitoken.models import layout
 
 log = logging.getLogger(__name__)
 
+# The layout above, numbered so that a reader can tell which it holds; CHANGELOG.md lists what
+# each number means. Checkpoints written before the number was recorded are format 1.
+FORMAT_VERSION = 1
+
 class Checkpointer:
   """Saves every `every_steps` (and on demand), keeps `keep`, writes asynchronously."""
 
@@ -93,6 +97,7 @@ class Checkpointer:
 
   def _restore_step(self, step, abstract_state, data_iterator, config):
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    check_format(meta, f"checkpoint at step {step} in {self.directory}", CheckpointMismatch)
     written_by = meta.get("process_count")
     if data_iterator is not None and written_by not in (None, jax.process_count()):
       raise CheckpointMismatch(
@@ -236,7 +241,17 @@ def load_run_config(path):
   meta = state_dir.parent / "meta" / "metadata"
   if not meta.exists():
     raise FileNotFoundError(f"{path}: no run config beside the checkpoint (looked for {meta})")
-  return ml_collections.ConfigDict(json.loads(meta.read_text())["config"])
+  record = json.loads(meta.read_text())
+  check_format(record, os.fspath(state_dir.parent))
+  return ml_collections.ConfigDict(record["config"])
+
+
+def check_format(meta: dict, what: str, error=ValueError) -> None:
+  """Refuses a checkpoint of a format newer than this vitoken reads."""
+  version = meta.get("format_version", 1)
+  if not isinstance(version, int) or version > FORMAT_VERSION:
+    raise error(f"{what} is in checkpoint format {version!r}, written by a newer vitoken; this "
+                f"one reads formats up to {FORMAT_VERSION} (see CHANGELOG.md): upgrade vitoken")
 
 
 def load_params(path, *, image_size=None, channels: int = 3):

@@ -47,7 +47,7 @@ def resize_posemb(posemb, old_grid: Grid, new_grid: Grid, *,
   prefix, grid = posemb[:, :num_prefix], posemb[:, num_prefix:]
   grid = grid.reshape(old_grid + (-1,))
   if method == "big_vision":
-    import scipy.ndimage  # pylint: disable=import-outside-toplevel
+    import scipy.ndimage  # pylint: disable=import-outside-toplevel  (heavy; only this resize mode needs it)
     zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
     grid = jnp.asarray(scipy.ndimage.zoom(np.asarray(grid, np.float32), zoom, order=1))
   else:

@@ -276,7 +276,7 @@ class Trainer:
 
   def _meta(self, step: int) -> Dict[str, Any]:
     return {"step": step, "config": json.loads(self.config.to_json_best_effort()),
-            "process_count": jax.process_count()}
+            "process_count": jax.process_count(), "format_version": ckpt_lib.FORMAT_VERSION}
 
   def describe(self) -> str:
     """The run's key facts, in one line."""

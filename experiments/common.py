@@ -42,6 +42,7 @@ def load_run(workdir: str, token_reduction: Any = "config"):
   """(model, params, config, info) of a finished run; `token_reduction` replaces the run's own
   (None: dense), e.g. a training-free method applied to a dense model's params."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from vitoken import tasks  # pylint: disable=import-outside-toplevel
   from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
   from vitoken.engine import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
@@ -56,6 +57,7 @@ def load_run(workdir: str, token_reduction: Any = "config"):
 def accuracy(predict: Callable, data_config, batch: int = 250) -> Tuple[float, int]:
   """(top-1 accuracy, examples) of `predict(images) -> logits` over a whole eval split."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
   correct = total = 0
   for b in pipeline.eval_iterator(data_config, global_batch_size=batch):

@@ -138,9 +138,8 @@ def main(argv=None):
   if args.speed_only:
     return _speed_only(args)
   from configs import masked_modeling as configs  # pylint: disable=import-outside-toplevel
-  from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
-
   from vitoken import tokenizers  # pylint: disable=import-outside-toplevel
+  from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
   summaries = {}
   for name, arg in TOKENIZERS.items():
     print(f"== tokenizer {name}: {arg}", flush=True)

@@ -18,8 +18,8 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import common  # noqa: E402
-from vitoken.data import pipeline  # noqa: E402
 from vitoken import tasks  # noqa: E402
+from vitoken.data import pipeline  # noqa: E402
 from vitoken.engine import checkpoint as ckpt_lib  # noqa: E402
 
 

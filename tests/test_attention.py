@@ -6,8 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitoken.models.attention import (SelfAttention, attention_probs, check_implementation,
-                                      fused_attention)
+from vitoken.models.attention import (
+  SelfAttention,
+  attention_probs,
+  check_implementation,
+  fused_attention,
+)
 
 ATOL = 1e-5
 RTOL = 1e-5

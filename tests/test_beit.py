@@ -12,19 +12,19 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-import vitoken.tokenizers
 from configs import masked_modeling, visual_tokenizer
 from tests.test_masked_modeling_train import flat, initial_params, mm_config
 from tests.test_train_loop import losses
 from vitoken import tasks
 from vitoken.data import pipeline
-from vitoken.models import beit
 from vitoken.engine import checkpoint as ckpt_lib
-from vitoken.train import trainer
 from vitoken.engine.metrics import read_jsonl
+from vitoken.models import beit
+import vitoken.tokenizers
+from vitoken.train import trainer
 
 CODES = 16  # the test tokenizer's codebook (the config's 512, cut for a meaningful ln(K) bound)
 GRID, BUDGET = 8, 24  # 64 px digits in 8 px patches; BEiT's 75 of 196 scaled to 64 patches

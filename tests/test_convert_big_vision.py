@@ -6,7 +6,6 @@ position, encoder_norm before pooling, MAPHead, tanh pre_logits). No vitoken cod
 """
 import re
 
-import jax
 import numpy as np
 import pytest
 

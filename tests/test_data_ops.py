@@ -2,8 +2,8 @@
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from vitoken.data import ops
 

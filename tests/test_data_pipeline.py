@@ -7,17 +7,13 @@ which examples a batch holds.
 import ast
 import inspect
 
+import grain
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
-import grain
-from vitoken.data import cluttered_digits
-from vitoken.data import config as config_lib
-from vitoken.data import pipeline
-from vitoken.data import sources
-from vitoken.data import transforms
+from vitoken.data import cluttered_digits, config as config_lib, pipeline, sources, transforms
 
 SPEC_KEYS = {"name", "folder", "data_dir", "train_split", "eval_split", "image_size",
              "random_resized_crop", "crop_scale", "crop_ratio", "flip", "mean", "std",

@@ -33,6 +33,7 @@ def test_installed_metadata_needs_no_tensorflow():
 def _setup_kwargs(monkeypatch, keep_jax: str):
   import os
   import runpy
+
   import setuptools
   captured = {}
   monkeypatch.setenv("VITOKEN_KEEP_JAX", keep_jax)

@@ -4,7 +4,13 @@ import math
 import os
 
 from configs import quickstart
-from experiments import masked_modeling, token_learners, token_pruning, tome_accuracy, tome_benchmark
+from experiments import (
+  masked_modeling,
+  token_learners,
+  token_pruning,
+  tome_accuracy,
+  tome_benchmark,
+)
 from vitoken.train import trainer
 
 

@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-import vitoken
 from tests.test_train_loop import smoke_config
+import vitoken
 from vitoken import tasks
 from vitoken.data import pipeline
 from vitoken.engine import checkpoint as ckpt_lib, sharding

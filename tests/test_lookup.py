@@ -7,12 +7,12 @@ the grid run alone; converted timm checkpoints load as they are; a tiny model le
 import functools
 import math
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import traverse_util
 from scipy import special
 
 from vitoken.models import vit
@@ -516,8 +516,8 @@ def test_overfits_one_batch_and_gradients_reach_both_directions():
 
 def test_trainer_runs_lookup_with_training_grids(tmp_path):
   from configs import token_learners
-  from vitoken.train import trainer
   from vitoken.engine.metrics import read_jsonl
+  from vitoken.train import trainer
   c = token_learners.get_config("method=lookup,grid=4,grids=2/3,eval_grid=3,runlocal")
   assert c.model.token_reduction.to_dict() == {"method": "lookup", "grid": 4, "train_grids": [2, 3]}
   assert c.eval_model_overrides.token_reduction.grid == 3

@@ -6,8 +6,8 @@ masked encoder against a key-masked full forward, SimMIM masks and loss, and inp
 
 No expected value here is computed by vitoken itself.
 """
-import math
 from functools import partial
+import math
 
 import flax.traverse_util as traverse_util
 import jax
@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import scipy.special
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
-from vitoken.convert import from_mae
-from vitoken.convert import mae as convert_mae
+from vitoken.convert import from_mae, mae as convert_mae
 from vitoken.convert.torch_reference import import_timm
 from vitoken.models import mae, masking, posemb, simmim, vit
 

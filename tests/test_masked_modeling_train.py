@@ -9,16 +9,16 @@ import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import masked_modeling
 from tests.test_train_loop import losses, override
 from vitoken import tasks
 from vitoken.data import pipeline
 from vitoken.engine import checkpoint as ckpt_lib, optim, sharding
-from vitoken.train import trainer
 from vitoken.engine.metrics import read_jsonl
+from vitoken.train import trainer
 
 METHODS = ("mae", "simmim")
 DEPTH, GRID = masked_modeling.ENCODER["depth"], 8  # 64 px digits in 8 px patches: 8x8 patches

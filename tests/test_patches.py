@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitoken.models import masking, mae, vit
+from vitoken.models import mae, masking, vit
 from vitoken.models.patches import PatchGrid, spatial_grid
 from vitoken.models.reducers import base
 

@@ -32,7 +32,6 @@ from vitoken.data import pipeline
 from vitoken.engine import checkpoint as ckpt_lib, metrics as metrics_lib
 from vitoken.train import trainer
 
-
 # ----------------------------------------------------------------------------- the store
 
 

@@ -8,10 +8,10 @@ import optax
 import pytest
 
 from configs import token_pruning
+from vitoken.engine import optim
 from vitoken.models import vit
 from vitoken.models.reducers import base as rbase
 from vitoken.tasks import distillation
-from vitoken.engine import optim
 from vitoken.train import trainer
 
 METHODS = {

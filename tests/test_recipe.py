@@ -9,6 +9,7 @@ prefix tokens, proportional attention (a numpy block) and position-embedding res
 """
 import math
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,16 +18,15 @@ import pytest
 import scipy.ndimage
 import scipy.special
 import scipy.stats
-from flax import traverse_util
 
 from tests.test_train_loop import smoke_config
 from tests.test_train_optim import _assert_trees_close
 from vitoken.convert import big_vision as bv_convert
 from vitoken.convert.torch_reference import import_timm
 from vitoken.data import ops, pipeline
+from vitoken.engine import checkpoint as ckpt_lib, optim
 from vitoken.models import layout, posemb, vit
 from vitoken.models.reducers import base as rbase
-from vitoken.engine import checkpoint as ckpt_lib, optim
 from vitoken.train import trainer
 
 import_timm()  # declares torchvision's missing C++ op schemas so torchvision imports on CPU

@@ -1,6 +1,6 @@
 """The token-reduction contract: plans from config, the identity reducer, and a test reducer
 that exercises every hook (stages, needs, masks, aux losses, proportional attention)."""
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

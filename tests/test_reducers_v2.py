@@ -11,16 +11,16 @@ import re
 from typing import Sequence, Tuple
 
 import flax.linen as nn
-from jax.experimental import checkify
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as PS
 import numpy as np
 import pytest
 
+from vitoken.engine import sharding
 from vitoken.models import attention, vit
 from vitoken.models.reducers import base
-from vitoken.engine import sharding
 
 IMAGES = jax.random.normal(jax.random.key(11), (2, 32, 32, 3))  # 4x4 grid of 8x8 patches
 B, P, WIDTH, HEADS, HEAD_DIM = 2, 16, 192, 3, 64

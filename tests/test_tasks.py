@@ -5,20 +5,20 @@ parameters that reducers declare (layer-decay group, sharding rules)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from configs import quickstart
 from tests.test_train_loop import losses, run_preempted, smoke_config
 from vitoken import tasks
 from vitoken.convert import to_big_vision
 from vitoken.data import pipeline
+from vitoken.engine.metrics import read_jsonl
 from vitoken.models import vit
 from vitoken.models.reducers import base as rbase
 from vitoken.tasks import distillation, teacher as teacher_lib
 from vitoken.train import trainer
-from vitoken.engine.metrics import read_jsonl
 
 PATCH = 8  # the runlocal quickstart: 64x64 images, 8x8 patches, gap pooling, no class token
 

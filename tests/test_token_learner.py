@@ -13,8 +13,7 @@ import optax
 import pytest
 
 from vitoken.models import vit
-from vitoken.models.reducers import base
-from vitoken.models.reducers import token_learner as tl
+from vitoken.models.reducers import base, token_learner as tl
 
 EPS = 1e-6  # flax's LayerNorm default, which scenic uses throughout
 
@@ -534,8 +533,8 @@ def test_v11_accepts_non_square_grids_and_v1_standalone_refuses_them():
 def test_trainer_runs_learn(tmp_path, arg):
   from configs import token_learners
   from vitoken.engine import checkpoint as ckpt_lib
-  from vitoken.train import trainer
   from vitoken.engine.metrics import read_jsonl
+  from vitoken.train import trainer
 
   c = token_learners.get_config(arg + ",runlocal")
   c.progress_bar, c.checkpoint.async_save = False, False

@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 
 from configs import visual_tokenizer
-from vitoken import tasks
-from vitoken.data import pipeline
-from vitoken import tokenizers as fitting
-from vitoken.models.tokenizers import common, fsq, kmeans
-from vitoken.engine.metrics import read_jsonl
 from tests.test_train_loop import override
+from vitoken import tasks, tokenizers as fitting
+from vitoken.data import pipeline
+from vitoken.engine.metrics import read_jsonl
+from vitoken.models.tokenizers import common, fsq, kmeans
 
 F32 = np.float32
 

@@ -2,7 +2,6 @@
 written here in torch: the chosen indices, merged values, sizes, sources, and whole-model
 logits of a ToMe-patched timm ViT."""
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -288,8 +287,8 @@ def test_unmerge_restores_a_full_resolution_map():
 
 def test_tome_and_dense_training_runs_both_learn(tmp_path):
   from configs import quickstart
-  from vitoken.train import trainer
   from vitoken.engine.metrics import read_jsonl
+  from vitoken.train import trainer
 
   def run(arg):
     c = quickstart.get_config(arg)

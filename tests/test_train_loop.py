@@ -8,8 +8,8 @@ import pytest
 
 from configs import quickstart
 from vitoken.engine import checkpoint as ckpt_lib
-from vitoken.train import config as config_lib, trainer
 from vitoken.engine.metrics import read_jsonl
+from vitoken.train import config as config_lib, trainer
 
 
 def override(c, **overrides):

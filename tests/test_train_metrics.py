@@ -11,7 +11,6 @@ import pytest
 
 from vitoken.engine import metrics as M
 
-
 # ----------------------------------------------------------------------------- independent reader
 # Deliberately shares no code with the writer (tensorboardX): a bitwise CRC-32C, and the Event
 # messages are parsed by the protobuf runtime from descriptors built here.
@@ -336,6 +335,7 @@ def test_postfix_formatting():
 def test_notebooks_get_the_live_tqdm_auto_bar(tmp_path, monkeypatch):
   """In a Jupyter/Colab kernel tqdm.auto is the widget bar: the logger uses it, redrawing often."""
   import tqdm.notebook
+
   from vitoken.engine import metrics as metrics_lib
   made = []
 

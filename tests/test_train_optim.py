@@ -3,16 +3,16 @@ gradient clipping and layer-wise lr decay (unscanned and scanned layouts)."""
 import functools
 import math
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
-from flax import traverse_util
 
-from vitoken.models import layout, vit
 from vitoken.engine import optim
+from vitoken.models import layout, vit
 
 DEPTH = 3
 # Cheap XLA:CPU codegen: these programs are many tiny per-leaf ops that run once, so compile
@@ -204,6 +204,7 @@ def test_schedule_matches_numpy_at_every_step(decay, total, warmup, end_factor, 
 def test_path_str_names():
   """'/'-joined key paths for every key kind jax makes (dict, sequence, attribute, index)."""
   import collections  # pylint: disable=import-outside-toplevel
+
   import flax  # pylint: disable=import-outside-toplevel
   from flax.core import FrozenDict  # pylint: disable=import-outside-toplevel
 

@@ -10,7 +10,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from vitoken.engine.metrics import read_jsonl
 

@@ -1,12 +1,12 @@
 """Meshes and regex sharding rules: placement by path, scanned layers, sharded-at-birth init."""
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from vitoken.models import vit
 from vitoken.engine import sharding
+from vitoken.models import vit
 
 
 @pytest.fixture(scope="module")

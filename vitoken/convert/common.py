@@ -2,7 +2,6 @@
 from typing import Any, Dict, Tuple, Union
 
 from absl import logging
-
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp

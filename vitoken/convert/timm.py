@@ -1,6 +1,6 @@
 """Imports timm `vit_*` VisionTransformer weights (a model or its state dict)."""
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 

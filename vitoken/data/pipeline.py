@@ -37,16 +37,16 @@ import grain
 import jax
 import numpy as np
 
-from vitoken.data import sources
-from vitoken.data import transforms
-from vitoken.data.config import Settings
-from vitoken.data.config import default_data_config
-from vitoken.data.sources import DataInfo
-from vitoken.data.sources import IMAGE_EXTENSIONS
-from vitoken.data.sources import ImageFolderSource
-from vitoken.data.sources import dataset_info
-from vitoken.data.sources import folder_classes
-from vitoken.data.sources import folder_files
+from vitoken.data import sources, transforms
+from vitoken.data.config import Settings, default_data_config
+from vitoken.data.sources import (
+  IMAGE_EXTENSIONS,
+  DataInfo,
+  ImageFolderSource,
+  dataset_info,
+  folder_classes,
+  folder_files,
+)
 from vitoken.data.transforms import BatchFields
 
 __all__ = [

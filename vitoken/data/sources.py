@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from vitoken.data import cluttered_digits
-from vitoken.data import ops
+from vitoken.data import cluttered_digits, ops
 from vitoken.data.config import Settings
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

@@ -25,10 +25,10 @@ from etils import epath
 import flax.traverse_util as traverse_util
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from vitoken import convert, paths
 from vitoken.models import layout

@@ -13,8 +13,8 @@ import os
 import socket
 import threading
 import time
-import uuid
 from typing import Optional
+import uuid
 
 from etils import epath
 import jax

@@ -10,9 +10,9 @@ import re
 from typing import Any, Callable, Sequence, Tuple
 
 import jax
-import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
 from vitoken import settings as settings_lib
 from vitoken.models import layout

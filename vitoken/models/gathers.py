@@ -5,8 +5,8 @@ Below the reducers: the masking helpers and every reducer gather tokens the same
 import contextlib
 from typing import Callable
 
-from jax.experimental import checkify
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 
 _DEBUG = {"checked_gathers": False}

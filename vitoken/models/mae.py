@@ -16,8 +16,14 @@ import jax.numpy as jnp
 
 from vitoken import settings as settings_lib
 from vitoken.models import posemb as posemb_lib, variants, vit
-from vitoken.models.masking import (check_mask_ratio, keep_count, patch_grid, patchify,  # noqa: F401
-                                    random_masking, unpatchify)
+from vitoken.models.masking import (  # noqa: F401
+  check_mask_ratio,
+  keep_count,
+  patch_grid,
+  patchify,
+  random_masking,
+  unpatchify,
+)
 from vitoken.models.reducers import base as rbase
 
 # Encoder settings of a pretraining encoder: it ends at its LayerNorm over every token.

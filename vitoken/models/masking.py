@@ -14,8 +14,8 @@ from typing import Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 
-from vitoken.models.patches import PatchGrid
 from vitoken.models import gathers
+from vitoken.models.patches import PatchGrid
 from vitoken.settings import pair
 
 Pair = Union[int, Sequence[int]]

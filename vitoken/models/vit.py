@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import settings as settings_lib
-from vitoken.models import attention as attention_lib
-from vitoken.models import layers, posemb as posemb_lib, variants
+from vitoken.models import attention as attention_lib, layers, posemb as posemb_lib, variants
 from vitoken.models.patches import PatchGrid
 from vitoken.models.reducers import base as rbase
 

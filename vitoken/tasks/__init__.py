@@ -1,4 +1,13 @@
 """Tasks chosen by `config.task.name`. Importing this package registers the built-in ones."""
 from vitoken.tasks import classification, distillation, masked_modeling, runs, tokenizers  # noqa: F401  (registration side effects)
-from vitoken.tasks.base import (RESERVED_FIELDS, Progress, Task, build, model_inputs, model_rngs, register,
-                                registered_tasks, vit_from_config)
+from vitoken.tasks.base import (
+                                RESERVED_FIELDS,
+                                Progress,
+                                Task,
+                                build,
+                                model_inputs,
+                                model_rngs,
+                                register,
+                                registered_tasks,
+                                vit_from_config,
+)

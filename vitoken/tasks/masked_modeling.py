@@ -21,8 +21,8 @@ import numpy as np
 
 from vitoken import paths, settings as settings_lib, visualize
 from vitoken.models import beit, block_masking, mae, masking, simmim
-from vitoken.tasks import base, runs
 from vitoken.models.tokenizers import common as tokenizer_common
+from vitoken.tasks import base, runs
 
 
 class UniformNoise:

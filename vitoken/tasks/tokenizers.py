@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from vitoken import settings as settings_lib
-from vitoken.tasks import base
 from vitoken.models.tokenizers import common, fsq, kmeans
+from vitoken.tasks import base
 
 
 class TokenizerTask(base.Task):

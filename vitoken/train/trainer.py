@@ -19,13 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vitoken import paths
-from vitoken import tasks as tasks_lib
+from vitoken import paths, tasks as tasks_lib
 from vitoken.data import pipeline
-from vitoken.engine import checkpoint as ckpt_lib
-from vitoken.engine import distributed
-from vitoken.engine import metrics as metrics_lib
-from vitoken.engine import optim, sharding
+from vitoken.engine import (
+  checkpoint as ckpt_lib,
+  distributed,
+  metrics as metrics_lib,
+  optim,
+  sharding,
+)
 from vitoken.tasks import base as task_base
 from vitoken.train import config as config_lib
 

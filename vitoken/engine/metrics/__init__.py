@@ -20,7 +20,17 @@ Event files are written by tensorboardX (no TensorFlow needed); TensorBoard itse
 needed to view them.
 """
 from vitoken.engine.metrics.logger import MetricLogger, quiet_libraries
-from vitoken.engine.metrics.progress import format_postfix_value, in_notebook, tqdm_auto
-from vitoken.engine.metrics.progress import format_postfix_value as _format_postfix_value
-from vitoken.engine.metrics.records import (METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, read_jsonl,
-                                            read_summary, write_summary)
+from vitoken.engine.metrics.progress import (
+                                            format_postfix_value,
+                                            format_postfix_value as _format_postfix_value,
+                                            in_notebook,
+                                            tqdm_auto,
+)
+from vitoken.engine.metrics.records import (
+                                            METRICS_FILE,
+                                            SUMMARY_FILE,
+                                            TENSORBOARD_DIR,
+                                            read_jsonl,
+                                            read_summary,
+                                            write_summary,
+)

@@ -10,11 +10,25 @@ from absl import logging
 from etils import epath
 
 from vitoken import paths
-from vitoken.engine.metrics.progress import RATE_SMOOTHING, format_postfix_value, make_bar, progress_enabled
-from vitoken.engine.metrics.records import (METRICS_FILE, RESERVED_KEYS, SPLIT_RE, TENSORBOARD_DIR,
-                                            atomic_write_text, dump_record, encode_record,
-                                            read_jsonl_with_status, to_python)
+from vitoken.engine.metrics.progress import (
+  RATE_SMOOTHING,
+  format_postfix_value,
+  make_bar,
+  progress_enabled,
+)
+from vitoken.engine.metrics.records import (
+  METRICS_FILE,
+  RESERVED_KEYS,
+  SPLIT_RE,
+  TENSORBOARD_DIR,
+  atomic_write_text,
+  dump_record,
+  encode_record,
+  read_jsonl_with_status,
+  to_python,
+)
 from vitoken.engine.metrics.tensorboard import EventFileWriter
+
 
 class MetricLogger:
   """Writes metrics to {workdir}/metrics.jsonl and TensorBoard, and drives a progress bar.

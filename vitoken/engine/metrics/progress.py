@@ -7,8 +7,7 @@ import sys
 from typing import Any
 
 import tqdm
-from tqdm import auto as tqdm_auto
-from tqdm import notebook as tqdm_notebook
+from tqdm import auto as tqdm_auto, notebook as tqdm_notebook
 
 from vitoken.engine.metrics.records import to_python
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from vitoken import paths
 
+
 class _BucketRecordFile:
   """An event file in a bucket for tensorboardX's RecordWriter: the bytes are kept in memory
   and each flush uploads them whole (objects cannot be appended to)."""

@@ -9,13 +9,29 @@ from typing import Mapping, Optional, Tuple
 import jax
 import optax
 
-from vitoken.engine.optim.config import compile_regex, number, resolve, default_optim_config, OPTIMIZERS
-from vitoken.engine.optim.param_groups import (check_layer_decay, check_lr_scale, map_with_names,
-                                                resolve_depth, layer_decay_multipliers,
-                                                trainable_mask, weight_decay_mask)
+from vitoken.engine.optim.config import (
+  OPTIMIZERS,
+  compile_regex,
+  default_optim_config,
+  number,
+  resolve,
+)
+from vitoken.engine.optim.param_groups import (
+  check_layer_decay,
+  check_lr_scale,
+  layer_decay_multipliers,
+  map_with_names,
+  resolve_depth,
+  trainable_mask,
+  weight_decay_mask,
+)
 from vitoken.engine.optim.schedules import make_schedule
-from vitoken.engine.optim.transforms import (scale_by_layer_decay, scale_by_lr_rules,
-                                              scale_by_trust_ratio_per_layer, train_only)
+from vitoken.engine.optim.transforms import (
+  scale_by_layer_decay,
+  scale_by_lr_rules,
+  scale_by_trust_ratio_per_layer,
+  train_only,
+)
 
 
 def make_optimizer(optim_config, schedule_config, params, total_steps: int, *,

@@ -5,7 +5,7 @@ import numbers
 import jax.numpy as jnp
 import optax
 
-from vitoken.engine.optim.config import DECAYS, number, resolve, default_schedule_config
+from vitoken.engine.optim.config import DECAYS, default_schedule_config, number, resolve
 
 
 def make_schedule(schedule_config, base_lr: float, total_steps: int) -> optax.Schedule:

@@ -6,9 +6,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vitoken.engine.optim.param_groups import (SCANNED_BLOCKS, check_layer_decay, check_lr_scale,
-                                                layer_multiplier, map_with_names, lr_scale_labels,
-                                                trainable_mask)
+from vitoken.engine.optim.param_groups import (
+  SCANNED_BLOCKS,
+  check_layer_decay,
+  check_lr_scale,
+  layer_multiplier,
+  lr_scale_labels,
+  map_with_names,
+  trainable_mask,
+)
 from vitoken.models import layout
 
 

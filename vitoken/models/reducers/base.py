@@ -8,16 +8,38 @@ It lives in three modules, re-exported here unchanged:
 - `plan`: a config's entries placed per layer (`build_plan` -> `ReductionPlan`).
 """
 # pylint: disable=unused-import
-from vitoken.models.reducers.contract import (BLOCK_MERGE, BLOCK_NEEDS, BLOCK_OWNER, BLOCK_STAGES,  # noqa: F401
-                                              CLS_ATTN, EMBED_LAYER, KEYS_MEAN, POST_ATTN,
-                                              POST_BLOCK, PRE_BLOCK, PRE_POSEMB, STAGES,
-                                              BlockInfo, ModelContext, Reducer, register,
-                                              registered_methods, registered_reducer)
-from vitoken.models.reducers.plan import PlannedReducer, ReductionPlan, build_plan  # noqa: F401
-from vitoken.models.reducers.token_state import (_DEBUG, EMPTY_GRID, LEARNED_ID, MERGE_MODES,  # noqa: F401
-                                                 TokenState, checked_gathers, run_checked,
-                                                 take_tokens)
 from vitoken.models.patches import PatchGrid  # noqa: F401
+from vitoken.models.reducers.contract import (  # noqa: F401
+                                              BLOCK_MERGE,
+                                              BLOCK_NEEDS,
+                                              BLOCK_OWNER,
+                                              BLOCK_STAGES,
+                                              CLS_ATTN,
+                                              EMBED_LAYER,
+                                              KEYS_MEAN,
+                                              POST_ATTN,
+                                              POST_BLOCK,
+                                              PRE_BLOCK,
+                                              PRE_POSEMB,
+                                              STAGES,
+                                              BlockInfo,
+                                              ModelContext,
+                                              Reducer,
+                                              register,
+                                              registered_methods,
+                                              registered_reducer,
+)
+from vitoken.models.reducers.plan import PlannedReducer, ReductionPlan, build_plan  # noqa: F401
+from vitoken.models.reducers.token_state import (  # noqa: F401
+                                              _DEBUG,
+                                              EMPTY_GRID,
+                                              LEARNED_ID,
+                                              MERGE_MODES,
+                                              TokenState,
+                                              checked_gathers,
+                                              run_checked,
+                                              take_tokens,
+)
 
 __all__ = [
     "BLOCK_MERGE", "BLOCK_NEEDS", "BLOCK_OWNER", "BLOCK_STAGES", "CLS_ATTN", "EMBED_LAYER",

@@ -17,7 +17,18 @@ never branches on the method name.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+  Any,
+  Callable,
+  ClassVar,
+  Dict,
+  FrozenSet,
+  List,
+  Mapping,
+  Optional,
+  Sequence,
+  Tuple,
+)
 
 import flax
 import flax.linen as nn

@@ -42,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import settings as settings_lib
-from vitoken.models import attention as attention_lib
-from vitoken.models import layers as layers_lib
+from vitoken.models import attention as attention_lib, layers as layers_lib
 from vitoken.models.reducers import base
 
 RNG_STREAM = "lookup"  # draws the training grid when `train_grids` lists several

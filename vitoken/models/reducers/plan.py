@@ -8,9 +8,18 @@ import re
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from vitoken import settings as settings_lib
-from vitoken.models.reducers.contract import (BLOCK_STAGES, EMBED_LAYER, POST_ATTN, POST_BLOCK,
-                                              PRE_BLOCK, PRE_POSEMB, ModelContext, Reducer,
-                                              registered_reducer)
+from vitoken.models.reducers.contract import (
+  BLOCK_STAGES,
+  EMBED_LAYER,
+  POST_ATTN,
+  POST_BLOCK,
+  PRE_BLOCK,
+  PRE_POSEMB,
+  ModelContext,
+  Reducer,
+  registered_reducer,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class PlannedReducer:

@@ -99,7 +99,6 @@ def bipartite_soft_matching(metric, r: int, num_protected: int = 0) -> Matching:
   dst_idx = jnp.take_along_axis(node_idx, src_idx, axis=-1)
   if num_protected:
     unm_idx = jnp.sort(unm_idx, axis=-1)  # protected A tokens (lowest indices) come first
-  ta, tb = a.shape[1], bb.shape[1]
   batch = lambda v: jnp.broadcast_to(v, (b,) + v.shape)
   order = tuple(("a", i // 2) if i % 2 == 0 else ("b", i // 2) for i in range(num_protected))
   return Matching(batch(jnp.arange(0, t, 2)), batch(jnp.arange(1, t, 2)), unm_idx, src_idx,

@@ -9,6 +9,7 @@ import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image
 import pytest
 
@@ -220,8 +221,8 @@ def test_optimizer_trainable_regex_freezes_the_rest(name):
       else:
         assert not u.any(), f"{path} has a nonzero update {u}"
     assert all(np.abs(u).min() > 0 for u in flat(u_free).values())  # the control moves all
-    p_frozen = optim.optax.apply_updates(p_frozen, u_frozen)
-    p_free = optim.optax.apply_updates(p_free, u_free)
+    p_frozen = optax.apply_updates(p_frozen, u_frozen)
+    p_free = optax.apply_updates(p_free, u_free)
   before, after = flat(params), flat(p_frozen)
   for path in before:
     if path.startswith("head/"):

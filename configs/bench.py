@@ -20,6 +20,8 @@ import ml_collections
 from vitoken.train.config import parse_arg
 
 PRESETS = ("cpu", "gpu")
+# Every preset's seconds-long mode (tests/test_presets.py runs each through vitoken.bench).
+SMOKE = tuple(f"{p},tiny" for p in PRESETS)
 
 
 def get_config(arg=None):

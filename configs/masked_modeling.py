@@ -17,7 +17,9 @@ Arguments (comma-separated):
   steps     training steps (default: 3000 pretraining, 1000 otherwise)
   tome      ToMe's r from the fine-tuned model's first block on (finetune, scratch); 0: dense
   preset    im1k: MAE's ImageNet recipe for ViT-B/16 (method=mae; pretrain, finetune, probe)
-  runlocal  a seconds-long smoke run
+  runlocal  a seconds-long smoke run; with a preset, its recipe at toy size on cluttered digits
+            (add --config.data.name=imagenet2012 --config.data.eval_split=validation to read
+            ImageNet instead)
 
 Every stage shares one encoder (`ENCODER`, 8x8 patches of 8 px, six blocks of width 64) so the
 fine-tuned and probed models load the pretrained weights as they are. Fine-tuning follows MAE:
@@ -29,6 +31,20 @@ from vitoken.train.config import base_config, digits_recipe, parse_arg, runlocal
 
 STAGES = ("pretrain", "finetune", "probe", "scratch")
 METHODS = ("mae", "simmim", "beit")
+PRESETS = ("im1k",)
+# Every stage, method and preset stage as a smoke run; tests/test_presets.py trains each
+# (`<file:arg>` in an argument stands for the workdir of that file's smoke run with that arg).
+_MAE = "<masked_modeling.py:stage=pretrain,method=mae,runlocal>"
+SMOKE = (
+    *(f"stage=pretrain,method={m},runlocal" for m in METHODS if m != "beit"),
+    "stage=pretrain,method=beit,tokenizer=<visual_tokenizer.py:kind=kmeans,runlocal>,runlocal",
+    f"stage=finetune,init={_MAE},runlocal",
+    f"stage=probe,init={_MAE},runlocal",
+    "stage=scratch,runlocal",
+    *(f"stage=pretrain,preset={p},runlocal" for p in PRESETS),
+    *(f"stage={s},preset={p},init=<masked_modeling.py:stage=pretrain,preset={p},runlocal>,runlocal"
+      for p in PRESETS for s in STAGES if s not in ("pretrain", "scratch")),
+)
 ENCODER = dict(variant="Ti/8", width=64, depth=6, mlp_dim=128, num_heads=2, class_token=True,
                posemb="sincos2d_mae")
 TASKS = {
@@ -111,8 +127,8 @@ def _imagenet_preset(c, arg):
   warmup epochs, but trains the head with AdamW (lr 1e-3): MAE's probe uses LARS and a
   BatchNorm without affine parameters before the head, which vitoken does not have yet.
   """
-  if arg.preset != "im1k":
-    raise ValueError(f"unknown preset {arg.preset!r}; presets: ['im1k']")
+  if arg.preset not in PRESETS:
+    raise ValueError(f"unknown preset {arg.preset!r}; presets: {list(PRESETS)}")
   if arg.method != "mae" or arg.stage == "scratch":
     raise ValueError("preset=im1k is MAE's recipe: method=mae with stage pretrain, finetune or probe")
   c.data.name = "imagenet2012"
@@ -162,5 +178,12 @@ def _imagenet_preset(c, arg):
   c.total_steps = (arg.steps or epochs * steps_per_epoch)
   c.schedule.warmup_steps = warmup * steps_per_epoch
   if arg.runlocal:
-    c.batch_size, c.total_steps, c.schedule.warmup_steps = 8, 4, 1
+    # The recipe at toy size on the embedded cluttered digits, so that the smoke run needs no
+    # ImageNet: 16 patches of 16 px, two blocks, every stage the same encoder.
+    runlocal(c)
+    c.data.update(name="cluttered_digits", eval_split="test", image_size=64, mean=(0.5,),
+                  std=(0.5,))
+    c.model.update(width=32, depth=2, mlp_dim=64, num_heads=2)
+    if arg.stage == "pretrain":
+      c.task.update(decoder_width=32, decoder_depth=1, decoder_heads=2)
   return c

@@ -10,6 +10,9 @@ distill_from=<workdir> (train with the distillation task, that run as the frozen
 """
 from vitoken.train.config import base_config, digits_recipe, parse_arg, runlocal
 
+# The smoke run tests/test_presets.py trains (the options have their own tests).
+SMOKE = ("runlocal",)
+
 
 def get_config(arg=None):
   arg = parse_arg(arg, variant="Ti/8", runlocal=False, tome=0, eval_tome=-1, distill_from="")

@@ -16,12 +16,16 @@ Arguments (comma-separated):
   eval_grid  evaluate LookupViT at another compressed grid (same parameters)
   preset   im1k_s8 | im1k_s16: scenic's ImageNet TokenLearner (B/16, 224 px, gap, no class
            token, S = 8 or 16 before block 9 of 12, v1.1, Adam, 90 epochs)
-  runlocal a seconds-long smoke run
+  runlocal a seconds-long smoke run; with a preset, its recipe at toy size on cluttered digits
+           (add --config.data.name=imagenet2012 --config.data.eval_split=validation to read
+           ImageNet instead)
 """
 from vitoken.train.config import base_config, digits_recipe, parse_arg, runlocal
 
 METHODS = ("dense", "learner", "fuser", "lookup")
 PRESETS = {"im1k_s8": 8, "im1k_s16": 16}
+# Every method and preset as a smoke run (tests/test_presets.py trains each).
+SMOKE = (*(f"method={m},runlocal" for m in METHODS), *(f"preset={p},runlocal" for p in PRESETS))
 
 
 def token_reduction(method, tokens=8, loc=4, version="v1.1", grid=4, grids=""):
@@ -89,6 +93,11 @@ def _imagenet_preset(c, arg):
   c.eval_every_steps = 1000
   c.checkpoint.every_steps = 5000
   if arg.runlocal:
-    c.batch_size = 8
-    c.total_steps = 4
+    # The recipe at toy size on the embedded cluttered digits, so that the smoke run needs no
+    # ImageNet: 16 patches of 16 px, two blocks, the learner before the second.
+    runlocal(c, checkpoint_every=6)
+    c.data.update(name="cluttered_digits", eval_split="test", image_size=64, mean=(0.5,),
+                  std=(0.5,))
+    c.model.update(width=32, depth=2, mlp_dim=64, num_heads=2)
+    c.model.token_reduction.loc = 1
   return c

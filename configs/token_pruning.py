@@ -36,6 +36,11 @@ PRUNE_LAYERS = (2, 4, 6)  # depth 8 scaled from the papers' 3, 6, 9 of 12
 # each of the logit and token distillations from the dense teacher.
 DYNAMICVIT_TASK = dict(name="distillation", ce_weight=1.0, logit_weight=0.5, token_weight=0.5,
                        temperature=1.0)
+# Every method as a smoke run; tests/test_presets.py trains each (`<file:arg>` in an argument
+# stands for the workdir of that file's smoke run with that arg).
+_DENSE = "<token_pruning.py:method=dense,runlocal>"
+SMOKE = (*(f"method={m},runlocal" for m in METHODS if m != "dynamicvit"),
+         f"method=dynamicvit,init={_DENSE},teacher={_DENSE},runlocal")
 
 
 def token_reduction(method, keep=0.7, fuse=True, shrink="", levels=4, tome=4, depth=8):

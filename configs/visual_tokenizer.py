@@ -19,6 +19,8 @@ KINDS = ("kmeans", "fsq")
 PATCH = 8
 # The FSQ encoder: a two-block ViT over the same 8 px patches (the decoder has two more).
 FSQ_ENCODER = dict(variant="Ti/8", width=64, depth=2, mlp_dim=128, num_heads=2)
+# Every kind as a smoke run (tests/test_presets.py trains each).
+SMOKE = tuple(f"kind={k},runlocal" for k in KINDS)
 
 
 def get_config(arg=None):

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "vitoken"
 
 # Floor of each top-level part of the package; higher floors stand on lower ones.
 FLOORS = {
-    "settings": 0, "paths": 0, "errors": 0,
+    "settings": 0, "paths": 0, "errors": 0, "cli": 0,
     "data": 1,
     "models": 2, "visualize": 2,
     "convert": 3,

@@ -475,14 +475,14 @@ def test_training_resume_and_init_from_in_a_bucket(bucket, tmp_path, monkeypatch
   assert ckpt_lib.load_run_config(wd).total_steps == 12
 
 
-def test_unreadable_checkpoint_in_a_bucket_is_set_aside(bucket, capsys):
+def test_unreadable_checkpoint_in_a_bucket_is_set_aside(bucket, caplog):
   wd = "gs://bucket/run"
   trainer.run(smoke_config(total_steps=8), wd)
   for key in bucket.keys("bucket/run/checkpoints/8/state/"):
     bucket.put(key, b"garbage")
   summary = trainer.run(smoke_config(total_steps=8), wd)
   assert summary["start_step"] == 4 and summary["steps_run"] == 4
-  assert "checkpoint at step 8 is unreadable" in capsys.readouterr().out
+  assert "checkpoint at step 8 is unreadable" in caplog.text
   names = _names(bucket, "bucket/run/checkpoints/")
   aside = [n for n in names if n.startswith("unreadable/8/")]
   assert "unreadable/8/commit_success.txt" in aside

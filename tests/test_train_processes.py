@@ -1,5 +1,6 @@
-"""Training as users launch it: the CLI, killed with SIGKILL and resumed, and two processes
-forming one multi-host run over localhost (CPU collectives)."""
+"""Training as users launch it: the CLI, killed with SIGKILL and resumed (the killed run's
+process-0 marker cleaned up), and two processes forming one multi-host run over localhost (CPU
+collectives)."""
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 
+from vitoken.engine import distributed
 from vitoken.engine.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +87,8 @@ def test_sigkill_mid_training_then_resume_reproduces_losses(tmp_path):
   start = rerun["start_step"]
   assert start >= 10 and start in saved and rerun["steps_run"] == 30 - start, (saved, rerun, out)
   assert re.search(rf"resumed from .*step {start}\b", out), out
+  # The rerun removed the killed run's process-0 marker, and released its own.
+  assert os.listdir(killed / ".primary") == []
   out_ref, _ = reference.communicate(timeout=300)
   assert reference.returncode == 0, out_ref
   want, got = _losses(full), _losses(killed)
@@ -92,6 +96,48 @@ def test_sigkill_mid_training_then_resume_reproduces_losses(tmp_path):
   np.testing.assert_allclose([got[s] for s in range(1, 31)], [want[s] for s in range(1, 31)],
                              rtol=0, atol=1e-6)
   print(f"kill-and-resume test: killed after step {killed_at}, total {time.time() - t0:.1f}s")
+
+
+_CLAIM = ("import sys, time; from vitoken.engine import distributed; "
+          "distributed.PrimaryClaim(sys.argv[1], heartbeat_s=0.05); print('claimed', flush=True); "
+          "time.sleep(600)")
+
+
+def test_a_restarted_run_removes_only_the_process_zero_markers_of_ended_runs(tmp_path):
+  killed, live = [subprocess.Popen([sys.executable, "-c", _CLAIM, str(tmp_path)], cwd=ROOT,
+                                   env=_env(), stdout=subprocess.PIPE, text=True)
+                  for _ in range(2)]
+  markers = tmp_path / ".primary"
+  try:
+    for proc in (killed, live):
+      assert proc.stdout.readline().strip() == "claimed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    now = time.time()
+    (markers / "silent").write_text(f"elsewhere:7:a\n{now - 3600}\n10.0\n")  # another host
+    (markers / "recent").write_text(f"elsewhere:8:b\n{now - 60}\n10.0\n")  # late, not dead
+    (markers / "half").write_text("elsewhere:9:c\n")  # being written: nothing proven
+    restarted = distributed.PrimaryClaim(tmp_path, heartbeat_s=3600, sleep=lambda s: None)
+    try:
+      removed = restarted.clear_dead()
+      assert sorted(o.split(":")[1] for o in removed) == sorted([str(killed.pid), "7"])
+
+      def owners():
+        return sorted(m.read_text().split("\n")[0].split(":")[1] for m in markers.iterdir())
+      assert owners() == sorted([str(live.pid), str(os.getpid()), "8", "9"])
+      # The live run's marker was kept; once it is killed too, the restart's own check (which
+      # finds no other live process 0) removes it.
+      live.send_signal(signal.SIGKILL)
+      live.wait()
+      restarted.check()
+      assert owners() == sorted([str(os.getpid()), "8", "9"])
+    finally:
+      restarted.release()
+  finally:
+    for proc in (killed, live):
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _free_port():

@@ -91,7 +91,7 @@ def test_failures_that_are_not_corruption_stop_and_leave_the_checkpoint(workdir,
   assert _steps(workdir) == [4, 8] and not os.path.exists(workdir / "checkpoints" / "unreadable")
 
 
-def test_corruption_seen_by_another_process_is_set_aside_everywhere(workdir, monkeypatch, capsys):
+def test_corruption_seen_by_another_process_is_set_aside_everywhere(workdir, monkeypatch, caplog):
   """Processes agree: one that reads step 8 fine still sets it aside when another cannot."""
   verdicts = []
 
@@ -103,7 +103,7 @@ def test_corruption_seen_by_another_process_is_set_aside_everywhere(workdir, mon
   summary = trainer.run(smoke_config(), str(workdir))
   assert summary["start_step"] == 4 and verdicts == [(ckpt_lib._OK, ckpt_lib._CORRUPT),
                                                       (ckpt_lib._OK, ckpt_lib._OK)]
-  assert "checkpoint at step 8 is unreadable" in capsys.readouterr().out
+  assert "checkpoint at step 8 is unreadable" in caplog.text
 
 
 def test_a_failure_on_another_process_stops_this_one_too(workdir, monkeypatch):

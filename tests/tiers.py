@@ -62,6 +62,9 @@ SLOW_TESTS = (
     "test_paths.py::test_training_resume_and_init_from_in_a_bucket",
     "test_paths.py::test_unreadable_checkpoint_in_a_bucket_is_set_aside",
     "test_train_distributed.py::test_trainer_refuses_a_workdir_another_process_zero_writes",
+    # Every config file's smoke runs (SMOKE: 24 runlocal trainings) and bench.py's two tiny
+    # presets: 220 s on 2 shared cores with a mostly warm compile cache.
+    "test_presets.py::test_every_preset_smoke_mode_trains_and_evaluates",
     # Two `python -m vitoken.train` subprocesses and a one-process reference run (56 s).
     "test_train_distributed.py::test_replicas_across_processes_feed_identical_rows",
     # Fits a tokenizer (fitting.fit, 4 steps): 8.0 s warm / 12.2 s cold.

@@ -12,6 +12,8 @@ import difflib
 import inspect
 from typing import Any, Callable, Collection, Dict, Iterable, Mapping, Optional
 
+from vitoken.errors import ConfigError
+
 
 def plain(value, *, sequences=tuple):
   """ConfigDicts, FrozenConfigDicts and mappings to dicts, lists to `sequences`, recursively.
@@ -46,7 +48,7 @@ def as_dict(value, section: str) -> Dict[str, Any]:
   if value is None:
     return {}
   if not (hasattr(value, "to_dict") or isinstance(value, Mapping)):
-    raise TypeError(f"{section} must be a ConfigDict or a dict, got {type(value).__name__}")
+    raise ConfigError(f"{section} must be a ConfigDict or a dict, got {type(value).__name__}")
   return plain(value)
 
 
@@ -65,10 +67,10 @@ def unknown_keys_message(unknown: Iterable[str], allowed: Collection[str], secti
 
 
 def check_keys(given: Iterable[str], allowed: Collection[str], section: str) -> None:
-  """Raises ValueError naming every key of `given` that `allowed` does not have."""
+  """Raises ConfigError naming every key of `given` that `allowed` does not have."""
   unknown = set(given) - set(allowed)
   if unknown:
-    raise ValueError(unknown_keys_message(unknown, allowed, section))
+    raise ConfigError(unknown_keys_message(unknown, allowed, section))
 
 
 def resolve(given, defaults: Mapping[str, Any], section: str) -> Dict[str, Any]:
@@ -103,4 +105,5 @@ def check_call(fn: Callable, given: Mapping[str, Any], section: str, *,
     check_keys(given, set(schema) | set(extra_allowed or ()), section)
   missing = sorted(n for n, d in schema.items() if d is inspect.Parameter.empty and n not in given)
   if missing:
-    raise ValueError(f"{section} needs {missing}")
+    raise ConfigError(f"{section} needs {missing}; add {'it' if len(missing) == 1 else 'them'} "
+                      "to that section of the config")

@@ -1,12 +1,20 @@
 """python -m vitoken.bench --config=configs/bench.py[:arg] [--config.batch_sizes=(256,512) ...]"""
 from absl import app, flags
-from ml_collections import config_flags
+import ml_collections
 
-from vitoken import bench
+from vitoken import bench, cli
 from vitoken.engine.metrics import quiet_libraries
+from vitoken.models import vit
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a bench config with get_config(arg)",
-                                          lock_config=True)
+
+def _bench_reference():
+  """Keys --config.<key> may set where configs/bench.py leaves them out: the ViT fields every
+  variant shares (`model`), e.g. --config.model.token_reduction='{"method": "tome", "r": 8}'."""
+  return ml_collections.ConfigDict({"model": dict.fromkeys(vit.option_names())})
+
+
+_CONFIG = cli.DEFINE_config_file("config", "a bench config with get_config(arg)",
+                                  reference=_bench_reference)
 flags.mark_flags_as_required(["config"])
 
 
@@ -20,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,6 +18,7 @@ import numpy as np
 
 from vitoken import settings as settings_lib
 from vitoken.data import cluttered_digits
+from vitoken.errors import ConfigError
 
 # Defaults of every data config key; a key not listed here is a typo and is rejected.
 DEFAULTS: Dict[str, Any] = {
@@ -101,7 +102,7 @@ class Settings:
            f"crop_ratio must be (low, high) with 0 < low <= high, got {self.crop_ratio}")
     _check(all(s > 0 for s in self.std), f"std must be positive, got {self.std}")
     _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
-           f"mixup_alpha and cutmix_alpha must be >= 0, got {self.mixup_alpha}, "
+           f"mixup_alpha and data.cutmix_alpha must be >= 0, got {self.mixup_alpha}, "
            f"{self.cutmix_alpha}")
     _check(0 <= self.mix_prob <= 1, f"mix_prob must lie in [0, 1], got {self.mix_prob}")
     _check(isinstance(self.worker_count, (int, np.integer)) and self.worker_count >= 0,
@@ -118,9 +119,9 @@ def _float_tuple(key: str, value) -> Tuple[float, ...]:
   try:
     return tuple(float(v) for v in value)
   except (TypeError, ValueError):
-    raise ValueError(f"{key} must be a sequence of numbers, got {value!r}") from None
+    raise ConfigError(f"data.{key} must be a sequence of numbers, got {value!r}") from None
 
 
 def _check(condition: bool, message: str) -> None:
   if not condition:
-    raise ValueError(message)
+    raise ConfigError(f"data.{message}")

@@ -48,6 +48,7 @@ from vitoken.data.sources import (
   folder_files,
 )
 from vitoken.data.transforms import BatchFields
+from vitoken.errors import ConfigError, DataError
 
 __all__ = [
     "BatchFields", "DataInfo", "IMAGE_EXTENSIONS", "ImageFolderSource", "dataset_info",
@@ -79,12 +80,13 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(global_batch_size, process_count)
   if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    raise ConfigError(f"seed must be a non-negative int, got {seed!r} (config.seed)")
   split = sources.open_split(settings, settings.train_split, settings.train_examples)
   shard = split.source[process_index::process_count]
   if len(shard) == 0:
-    raise ValueError(f"train split {settings.train_split!r} has {len(split.source)} examples: "
-                     f"too few for {process_count} processes")
+    raise DataError(f"train split {settings.train_split!r} has {len(split.source)} examples: "
+                    f"too few for {process_count} processes; run fewer processes or give more "
+                    "examples (data.train_examples)")
   stream_seed = lambda stream: _stream_seed(seed, process_index, stream)
   if settings.shuffle:
     # Shuffle before repeat: grain folds the epoch into the shuffle seed, so each epoch
@@ -145,10 +147,11 @@ def _process(process_index, process_count) -> Tuple[int, int]:
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
   if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size < 1:
-    raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
+    raise ConfigError(f"global_batch_size must be a positive int, got {global_batch_size!r} "
+                      "(config.batch_size)")
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
-                     f"process count {process_count}")
+    raise ConfigError(f"global_batch_size {global_batch_size} is not divisible by the process "
+                      f"count {process_count}; set config.batch_size to a multiple of it")
   return global_batch_size // process_count
 
 

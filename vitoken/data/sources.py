@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from vitoken.data import cluttered_digits, ops
 from vitoken.data.config import Settings
+from vitoken.errors import DataError, MissingPathError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -73,11 +74,11 @@ def open_split(settings: Settings, split: str, cap: Optional[int]) -> Split:
   else:
     opened = _open_tfds(settings, split)
   if len(opened.source) == 0:
-    raise ValueError(f"split {split!r} of {settings.folder or settings.name!r} is empty")
+    raise DataError(f"split {split!r} of {settings.folder or settings.name!r} is empty")
   for key in ("mean", "std"):
     if len(getattr(settings, key)) not in (1, opened.channels):
-      raise ValueError(f"{key} has {len(getattr(settings, key))} values but the images have "
-                       f"{opened.channels} channel(s); give 1 (broadcast) or {opened.channels}")
+      raise DataError(f"{key} has {len(getattr(settings, key))} values but the images have "
+                      f"{opened.channels} channel(s); give 1 (broadcast) or {opened.channels}")
   dataset = grain.MapDataset.source(opened.source)
   if cap is not None:
     dataset = dataset[:cap]  # the first `cap` examples (all of them when there are fewer)
@@ -92,16 +93,16 @@ def _open_tfds(settings: Settings, split: str) -> Split:
   try:
     source = builder.as_data_source(split=split)
   except ValueError as e:
-    raise ValueError(f"dataset {settings.name!r} has no split {split!r}: {e}") from None
+    raise DataError(f"dataset {settings.name!r} has no split {split!r}: {e}") from None
   features = builder.info.features
   for key in ("image", "label"):
     if key not in features:
-      raise ValueError(f"dataset {settings.name!r} has no {key!r} feature (features: "
-                       f"{sorted(features.keys())}); the pipeline reads 'image' and 'label'")
+      raise DataError(f"dataset {settings.name!r} has no {key!r} feature (features: "
+                      f"{sorted(features.keys())}); the pipeline reads 'image' and 'label'")
   channels = features["image"].shape[-1] or 3
   if channels not in (1, 3):
-    raise ValueError(f"dataset {settings.name!r} has {channels}-channel images; "
-                     f"the pipeline takes 1 or 3")
+    raise DataError(f"dataset {settings.name!r} has {channels}-channel images; "
+                    f"the pipeline takes 1 or 3")
   return Split(source=source, num_classes=features["label"].num_classes, channels=channels)
 
 
@@ -114,14 +115,14 @@ def _prepared_builder(settings: Settings):
   try:
     builder = make_builder()
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(f"unknown dataset name {name!r}: neither {cluttered_digits.NAME!r} nor a "
-                     f"registered TFDS dataset (set `folder` to read an image folder)") from None
+    raise DataError(f"unknown dataset name {name!r}: neither {cluttered_digits.NAME!r} nor a "
+                    f"registered TFDS dataset (set `folder` to read an image folder)") from None
   if builder.is_prepared():
     _check_random_access(builder, name)
     return builder
   if not settings.build:
-    raise FileNotFoundError(f"dataset {name!r} is not in data_dir {where} (looked for "
-                            f"{builder.data_dir}); set build=True or point data_dir at it")
+    raise MissingPathError(f"dataset {name!r} is not in data_dir {where} (looked for "
+                           f"{builder.data_dir}); set build=True or point data_dir at it")
   try:
     return cluttered_digits.prepare_once(make_builder)
   except Exception as e:  # pylint: disable=broad-except
@@ -131,21 +132,45 @@ def _prepared_builder(settings: Settings):
 def _check_random_access(builder, name: str) -> None:
   file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
   if file_format not in ("array_record", "parquet"):
-    raise ValueError(f"dataset {name!r} in {builder.data_dir} is stored as {file_format}, which "
-                     f"grain cannot index; rebuild it with file_format='array_record' "
-                     f"(download_and_prepare) or use another data_dir")
+    raise DataError(f"dataset {name!r} in {builder.data_dir} is stored as {file_format}, which "
+                    f"grain cannot index; rebuild it with file_format='array_record' "
+                    f"(download_and_prepare) or use another data_dir")
 
 
 def _build_error(builder, name: str, where: str, error: Exception) -> Exception:
-  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    return FileNotFoundError(
+  """Why TFDS's build failed first, then how to get the dataset prepared."""
+  raised = f"{type(error).__name__}: {error}"
+  # prepare_once builds with download_dir=<data_dir>/downloads, whose manual/ TFDS reads.
+  manual_dir = epath.Path(builder.data_dir_root) / "downloads" / "manual"
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (manual_dir.is_dir()
+                                                   and any(manual_dir.iterdir())):
+    # Whatever the build stopped at, it cannot succeed without these files.
+    return MissingPathError(
         f"dataset {name!r} is not in data_dir {where} and needs a manual download: put its "
-        f"files in <data_dir>/downloads/manual and build it with file_format='array_record'. "
-        f"TFDS says: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()} "
-        f"[{type(error).__name__}: {error}]")
-  return RuntimeError(f"could not build dataset {name!r} into data_dir {where}: "
-                      f"{type(error).__name__}: {error}. Prepare it where the download "
-                      f"works, with file_format='array_record', and point data_dir at it")
+        f"files in {manual_dir} to build it here, or build it elsewhere and point data_dir at "
+        f"it (README, Data). TFDS says: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()} "
+        f"The build attempt raised {raised}")
+
+  def elsewhere(machine):
+    return (f"run `tfds build {name} --data_dir=<dir> --file_format=array_record` once {machine}, "
+            f"copy <dir>/{name} to this machine or a bucket and point data_dir at <dir> "
+            f"(README, Data)")
+
+  module = (getattr(error, "name", None) or "").split(".")[0]
+  if isinstance(error, ModuleNotFoundError) and module == "tensorflow":
+    # TFDS builds imagenet2012 (and many others) through tf.io but reads the built
+    # array_record files without it: TensorFlow is needed once, where the dataset is built.
+    return DataError(
+        f"TensorFlow is not installed, and TFDS needs it to build dataset {name!r} into "
+        f"data_dir {where} ({raised}). Training reads the built dataset without TensorFlow: "
+        f"pip install tensorflow for the build, or {elsewhere('on any machine with TensorFlow')}; "
+        f"or read the images as an image folder tree (data.folder)")
+  if isinstance(error, ModuleNotFoundError) and module:
+    return DataError(f"{module!r} is not installed, and TFDS needs it to build dataset {name!r} "
+                     f"into data_dir {where} ({raised}). Install it, or "
+                     f"{elsewhere('where the build works')}")
+  return DataError(f"{raised} (building dataset {name!r} into data_dir {where}). Fix that, or "
+                   f"{elsewhere('where the build works')}")
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -182,15 +207,15 @@ def folder_classes(root: str, splits: Sequence[str]) -> List[str]:
   """Sorted class names: the subfolders of every existing root/<split>."""
   root_path = epath.Path(root)
   if not root_path.is_dir():
-    raise FileNotFoundError(f"image folder {root} does not exist")
+    raise MissingPathError(f"image folder {root} does not exist")
   split_dirs = [root_path / split for split in dict.fromkeys(splits) if (root_path / split).is_dir()]
   if not split_dirs:
-    raise FileNotFoundError(f"image folder {root} has none of the split folders {list(splits)} "
-                            f"(expected {root}/<split>/<class_name>/*.png)")
+    raise MissingPathError(f"image folder {root} has none of the split folders {list(splits)} "
+                           f"(expected {root}/<split>/<class_name>/*.png)")
   classes = sorted({d.name for split_dir in split_dirs for d in split_dir.iterdir() if d.is_dir()})
   if not classes:
-    raise ValueError(f"image folder {root} has no classes: no subfolders in "
-                     f"{[str(d) for d in split_dirs]} (expected {root}/<split>/<class_name>/*.png)")
+    raise DataError(f"image folder {root} has no classes: no subfolders in "
+                    f"{[str(d) for d in split_dirs]} (expected {root}/<split>/<class_name>/*.png)")
   return classes
 
 
@@ -198,8 +223,8 @@ def folder_files(root: str, split: str, classes: Sequence[str]) -> Tuple[List[st
   """Sorted image paths of root/<split> and their class indices."""
   split_dir = epath.Path(root) / split
   if not split_dir.is_dir():
-    raise FileNotFoundError(f"image folder {root} has no split folder {split!r} "
-                            f"(expected {split_dir}/<class_name>/*.png)")
+    raise MissingPathError(f"image folder {root} has no split folder {split!r} "
+                           f"(expected {split_dir}/<class_name>/*.png)")
   paths, labels = [], []
   for label, name in enumerate(classes):
     class_dir = split_dir / name
@@ -209,8 +234,8 @@ def folder_files(root: str, split: str, classes: Sequence[str]) -> Tuple[List[st
       paths.extend(str(p) for p in files)
       labels.extend([label] * len(files))
   if not paths:
-    raise ValueError(f"image folder split {split_dir} has no {'/'.join(IMAGE_EXTENSIONS)} "
-                     f"images in its class folders {list(classes)}")
+    raise DataError(f"image folder split {split_dir} has no {'/'.join(IMAGE_EXTENSIONS)} "
+                    f"images in its class folders {list(classes)}")
   return paths, labels
 
 

@@ -30,7 +30,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vitoken import convert, paths
+from vitoken import convert, errors, paths, settings
+from vitoken.engine import checksums
 from vitoken.models import layout
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,26 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 class Checkpointer:
-  """Saves every `every_steps` (and on demand), keeps `keep`, writes asynchronously."""
+  """Saves every `every_steps` (and on demand), keeps `keep`, writes asynchronously.
+
+  The folder is checked writable when it is opened; a save that fails (read-only, disk full,
+  no permission) raises `CheckpointSaveError` in the training thread at the next `poll()`,
+  which the trainer calls every step, and a checkpoint is reported saved only once orbax has
+  committed it.
+  """
 
   def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
     self.directory = os.fspath(paths.resolve(directory))
+    check_writable(self.directory, "the checkpoints folder")
     self._options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(every_steps), 1), max_to_keep=keep,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True,
+        # Creating the step folder in the background turns a read-only folder into a
+        # 300 s wait for a signal that never comes; created here, it fails at once.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = self._open()
+    self._pending: Optional[int] = None  # the step being written in the background
+    self._good: Optional[int] = None  # the newest checkpoint known to be sound
 
   def _open(self):
     return ocp.CheckpointManager(
@@ -57,10 +70,40 @@ class Checkpointer:
                        "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_iterator, meta: dict, *, force: bool = False) -> bool:
+    """Starts writing `state` (checksummed) at `step`; a previous save is finished first."""
+    self.poll(wait=True)
+    meta = dict(meta, checksums=checksums.of_tree(state))
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+    try:
+      started = self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(step, self.directory, e) from e
+    if started:
+      self._pending = step
+      self.poll(wait=not self._options.enable_async_checkpointing)
+    return started
+
+  def poll(self, *, wait: bool = False) -> None:
+    """Finishes a background save that is done (all of them with `wait`): logs it as saved,
+    or raises the reason it failed."""
+    if self._pending is None:
+      return
+    if not wait and self._manager.is_saving_in_progress():
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(step, self.directory, e) from e
+    self._good = step
+    log.info("checkpoint at step %d saved to %s", step, self.directory)
+
+  @property
+  def last_good_step(self) -> Optional[int]:
+    """The newest checkpoint that this run saved or restored and checked, if any."""
+    return self._good
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -85,13 +128,14 @@ class Checkpointer:
             raise result
           raise CheckpointRestoreError(
               f"could not restore the checkpoint at step {step} in {self.directory}: "
-              f"{type(result).__name__}: {result}. It was left in place (this does not look like "
+              f"{_first_line(result)}. It was left in place (this does not look like "
               "a corrupt checkpoint); fix the cause (memory, storage access) and run again") from result
         raise CheckpointRestoreError(f"another process could not restore the checkpoint at step "
                                      f"{step} in {self.directory}; see its log")
       if verdict == _CORRUPT:
         self._set_aside(step, result if code == _CORRUPT else RuntimeError("unreadable on another process"))
         continue
+      self._good = step
       return step, result
     return None, None
 
@@ -119,15 +163,16 @@ class Checkpointer:
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    state = self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    verify(state, meta, os.path.join(self.directory, str(step), "state"))
+    return state
 
   def _set_aside(self, step: int, error: Exception):
     src = epath.Path(self.directory) / str(step)
     dst = epath.Path(self.directory) / "unreadable" / str(step)
-    msg = (f"checkpoint at step {step} is unreadable ({type(error).__name__}: {error}); "
-           f"moved to {dst}, falling back to the previous checkpoint")
-    log.warning(msg)
-    print(f"WARNING: {msg}", flush=True)
+    log.debug("checkpoint at step %d is unreadable: %r", step, error)
+    log.warning("checkpoint at step %d is unreadable (%s); moved to %s, falling back to the "
+                "previous checkpoint", step, describe_unreadable(error), dst)
     multihost_utils.sync_global_devices(f"set_aside_{step}_before")
     if jax.process_index() == 0 and src.exists():
       if dst.exists():
@@ -138,20 +183,115 @@ class Checkpointer:
     self._manager = self._open()
 
   def wait(self):
-    self._manager.wait_until_finished()
+    self.poll(wait=True)
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.poll(wait=True)
+    finally:
+      self._manager.close()
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(errors.CheckpointError):
   """A readable checkpoint that does not fit this run (model, process count)."""
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointCorrupt(errors.CheckpointError):
+  """A checkpoint whose restored arrays differ from the checksums written with them."""
+
+
+class CheckpointRestoreError(errors.UserError, RuntimeError):
   """Restoring failed for a reason that is not the checkpoint's corruption."""
 
+
+class CheckpointSaveError(errors.StorageError):
+  """A checkpoint could not be written (read-only folder, full disk, no permission)."""
+
+
+def verify(tree, meta: dict, where: str, prefix: str = "") -> None:
+  """Raises CheckpointCorrupt when `tree` (restored from `where`) differs from the checksums in
+  its `meta`; checkpoints written before checksums existed pass unchecked."""
+  expected = meta.get("checksums")
+  if not expected:
+    return
+  bad = checksums.mismatches(tree, expected, prefix)
+  if bad:
+    names = sorted(bad)
+    raise CheckpointCorrupt(
+        f"checksum mismatch in {where}: {', '.join(names[:3])}"
+        f"{f' and {len(names) - 3} more arrays' if len(names) > 3 else ''} restored with values "
+        "other than those saved (a damaged data file)")
+
+
+def check_writable(directory, what: str) -> None:
+  """Raises a StorageError naming the cause and the fix unless files can be created in
+  `directory` (made if missing)."""
+  path = epath.Path(directory)
+  probe = path / f".write_test_{jax.process_index()}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  (buckets fail with auth errors too)
+    raise errors.StorageError(f"{what} {path} is not writable: {_storage_cause(e)}. "
+                              f"{_storage_fix(e, path)}") from e
+
+
+def _storage_cause(error: BaseException) -> str:
+  for e in _chain(error):
+    text = str(e)
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC or "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+      return "the disk is full"
+    if code == errno.EROFS or "Read-only file system" in text:
+      return "it is on a read-only file system"
+    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text \
+        or "PERMISSION_DENIED" in text:
+      return "permission denied"
+    if code == errno.EDQUOT or "quota" in text.lower():
+      return "the disk quota is exceeded"
+  return _first_line(error)
+
+
+def _storage_fix(error: BaseException, path) -> str:
+  cause = _storage_cause(error)
+  if "full" in cause or "quota" in cause:
+    return (f"Free space where {path} lives (or lower --config.checkpoint.keep), then run again: "
+            "training resumes from the last saved checkpoint")
+  return (f"Make {path} writable for this user, or pass a --workdir on writable storage; "
+          "training resumes from the last saved checkpoint")
+
+
+def _save_error(step: int, directory: str, error: BaseException) -> CheckpointSaveError:
+  where = os.path.join(directory, str(step))
+  return CheckpointSaveError(f"could not save the checkpoint at step {step} to {where}: "
+                             f"{_storage_cause(error)}. {_storage_fix(error, directory)}")
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  text = (str(error).strip().splitlines() or [""])[0]
+  text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def describe_unreadable(error: BaseException) -> str:
+  """A one-line cause for a checkpoint that cannot be read: the damaged file where TensorStore
+  names it, and whether it is cut short."""
+  for e in _chain(error):
+    if isinstance(e, CheckpointCorrupt):
+      return str(e)
+  text = "\n".join(str(e) for e in _chain(error))
+  files = re.findall(r'(?:file|Failed reading|reading) "([^"]+)"', text)
+  where = f" in {files[-1]}" if files else ""
+  lowered = text.lower()
+  if any(w in lowered for w in ("truncat", "unexpected end", "out of range", "eof",
+                                 "too short", "size is less")):
+    return f"a data file is truncated{where}"
+  if "checksum" in lowered or "crc" in lowered:
+    return f"a data file fails its checksum{where}"
+  if "decod" in lowered or "corrupt" in lowered or "invalid" in lowered:
+    return f"a data file cannot be decoded{where}"
+  return _first_line(error) + where
 
 _OK, _CORRUPT, _FATAL = 0, 1, 2
 
@@ -216,12 +356,17 @@ def _model_differences(saved_config, config) -> str:
   return ", ".join(diffs) + " (config vs checkpoint)" if diffs else ""
 
 
+_WHAT_PATH_TAKES = ("a run's workdir, its `checkpoints` folder, one step of it "
+                    "(checkpoints/500) or that step's `state` folder")
+
+
 def find_checkpoint(path) -> str:
-  """Accepts a run's workdir, its checkpoints dir, a step dir or its `state` item (local or in
-  a bucket)."""
+  """The `state` item of the newest finished checkpoint at `path`: a run's workdir, its
+  checkpoints dir, a step dir or its `state` item (local or in a bucket)."""
+  given = path
   path = paths.resolve(path)
   if not path.exists():
-    raise FileNotFoundError(f"init_from: {path} does not exist")
+    raise errors.MissingPathError(f"{given} does not exist (expected {_WHAT_PATH_TAKES})")
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   # In a bucket orbax writes a step in place and marks it complete last (commit_success.txt).
@@ -232,21 +377,30 @@ def find_checkpoint(path) -> str:
     path = path / str(max(steps))
   if (path / "state").is_dir():
     path = path / "state"
+  if not (path / "_METADATA").exists():
+    raise errors.CheckpointError(f"no checkpoint in {given}: it holds no finished checkpoint "
+                                 f"(expected {_WHAT_PATH_TAKES})")
   return os.fspath(path)
+
+
+def _read_meta(state_dir) -> Optional[dict]:
+  """The `meta` item saved beside a checkpoint's `state`, or None if it has none."""
+  meta = epath.Path(state_dir).parent / "meta" / "metadata"
+  return json.loads(meta.read_text()) if meta.exists() else None
 
 
 def load_run_config(path):
   """The config a run saved with its checkpoint (its workdir, checkpoints dir or a step)."""
-  state_dir = epath.Path(find_checkpoint(path))
-  meta = state_dir.parent / "meta" / "metadata"
-  if not meta.exists():
-    raise FileNotFoundError(f"{path}: no run config beside the checkpoint (looked for {meta})")
-  record = json.loads(meta.read_text())
-  check_format(record, os.fspath(state_dir.parent))
+  state_dir = find_checkpoint(path)
+  record = _read_meta(state_dir)
+  if record is None:
+    raise errors.CheckpointError(f"{path}: no run config beside the checkpoint {state_dir} "
+                                 "(a `meta` folder is written with every vitoken checkpoint)")
+  check_format(record, os.fspath(epath.Path(state_dir).parent), errors.CheckpointError)
   return ml_collections.ConfigDict(record["config"])
 
 
-def check_format(meta: dict, what: str, error=ValueError) -> None:
+def check_format(meta: dict, what: str, error=errors.CheckpointError) -> None:
   """Refuses a checkpoint of a format newer than this vitoken reads."""
   version = meta.get("format_version", 1)
   if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -254,19 +408,51 @@ def check_format(meta: dict, what: str, error=ValueError) -> None:
                 f"one reads formats up to {FORMAT_VERSION} (see CHANGELOG.md): upgrade vitoken")
 
 
-def load_params(path, *, image_size=None, channels: int = 3):
-  """Params of another run (its workdir or checkpoint) or a big_vision `.npz`, as numpy."""
-  if os.fspath(path).endswith(".npz"):
-    _, params = convert.from_big_vision(_read_npz(path), image_size=image_size)
-    return jax.tree.map(np.asarray, params)
+def params_shapes(path):
+  """The shapes and dtypes of a checkpoint's params (jax.ShapeDtypeStructs), read from its
+  metadata without reading any array."""
   ckpt = find_checkpoint(path)
   try:
-    restored = ocp.StandardCheckpointer().restore(ckpt)
-  except Exception as e:
-    raise ValueError(f"init_from: cannot read a checkpoint at {ckpt}: {e}") from e
-  if "params" not in restored:
-    raise ValueError(f"init_from: {ckpt} holds no 'params' (keys: {sorted(restored)})")
-  return jax.tree.map(np.asarray, restored["params"])
+    stored = ocp.StandardCheckpointer().metadata(ckpt).item_metadata
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.CheckpointError(f"cannot read the checkpoint at {ckpt}: "
+                                 f"{describe_unreadable(e)}") from e
+  if stored is None or "params" not in stored:
+    raise errors.CheckpointError(f"{ckpt} holds no 'params' "
+                                 f"(keys: {sorted(stored or {})})")
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                      settings.plain(stored["params"]))
+
+
+def load_params(path, *, image_size=None, shardings=None):
+  """Params of another run (its workdir or checkpoint) or a big_vision `.npz`.
+
+  Only the params are read, whatever else the checkpoint holds, and onto this machine's
+  devices however many wrote it: as numpy arrays on the host (`shardings=None`), or placed
+  as they are read by `shardings` (one jax Sharding for every array, or a tree of them like
+  the params), so that each device reads only its shards. A checkpoint's arrays are checked
+  against the checksums saved with them.
+  """
+  if os.fspath(path).endswith(".npz"):
+    _, params = convert.from_big_vision(_read_npz(path), image_size=image_size)
+    params = jax.tree.map(np.asarray, params)
+    return params if shardings is None else jax.device_put(params, shardings)
+  ckpt = find_checkpoint(path)
+  shapes = params_shapes(ckpt)
+  if shardings is None:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+  else:
+    if isinstance(shardings, jax.sharding.Sharding):
+      shardings = jax.tree.map(lambda _: shardings, shapes)
+    restore_args = jax.tree.map(lambda _, s: ocp.ArrayRestoreArgs(sharding=s), shapes, shardings)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(ckpt, args=ocp.args.PyTreeRestore(
+        item={"params": shapes}, restore_args={"params": restore_args}, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.CheckpointError(f"cannot read the checkpoint at {ckpt}: "
+                                 f"{describe_unreadable(e)}") from e
+  verify(restored["params"], _read_meta(ckpt) or {}, ckpt, prefix="params/")
+  return restored["params"]
 
 
 def subtree(params, path: str, source=""):
@@ -274,7 +460,7 @@ def subtree(params, path: str, source=""):
   for part in [p for p in (path or "").split("/") if p]:
     if not hasattr(params, "keys") or part not in params:
       have = sorted(params) if hasattr(params, "keys") else type(params).__name__
-      raise ValueError(f"init_from.subtree {path!r}: no {part!r} in the params of {source} "
+      raise errors.ConfigError(f"init_from.subtree {path!r}: no {part!r} in the params of {source} "
                        f"(it has {have})")
     params = params[part]
   return params
@@ -286,18 +472,19 @@ def _read_npz(path):
   if not paths.is_remote(source):
     return os.fspath(source)
   if not source.exists():
-    raise FileNotFoundError(f"big_vision checkpoint not found: {source}")
+    raise errors.MissingPathError(f"big_vision checkpoint not found: {source}")
   try:
     with np.load(io.BytesIO(source.read_bytes()), allow_pickle=False) as npz:
       return {k: npz[k] for k in npz.files}
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"cannot read {source} as an .npz checkpoint: {e}") from e
+    raise errors.CheckpointError(f"cannot read {source} as an .npz checkpoint: {e}") from e
 
 
 def merge_params(target, loaded, *, exclude: Optional[str] = None, adapt=None):
   """Takes `loaded` values into `target`'s structure.
 
-  Leaves whose path matches `exclude` keep the target's values (a new head, say). A leaf whose
+  Leaves whose path matches `exclude` keep the target's values (a new head, say), as they are
+  (device arrays stay on their devices); the others become the loaded host arrays. A leaf whose
   shape differs goes through `adapt(path, value, target_shape)`, the model's own knowledge
   (`VisionTransformer.adapt_loaded` resizes a learned position embedding), which returns the
   fitted value or raises ValueError. Any mismatch left is an error.
@@ -329,9 +516,9 @@ def merge_params(target, loaded, *, exclude: Optional[str] = None, adapt=None):
     if new.shape != tuple(value.shape):
       problems.append(f"{key}: checkpoint {new.shape} vs model {tuple(value.shape)}")
       continue
-    out[key] = new.astype(value.dtype)
+    out[key] = new.astype(value.dtype, copy=False)
   if problems:
-    raise ValueError("init_from does not match the model (exclude parts with "
+    raise errors.CheckpointError("init_from does not match the model (exclude parts with "
                      "config.init_from.exclude):\n  " + "\n  ".join(problems))
   unused = sorted(set(flat_l) - set(flat_t))
   if unused:

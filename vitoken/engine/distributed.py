@@ -86,7 +86,8 @@ class PrimaryClaim:
 
   A marker counts as another live run only if its heartbeat advances while we watch (a killed
   run's never does) and, for a run on this host, its process still exists; so restarting a
-  preempted or killed run in its workdir is never refused.
+  preempted or killed run in its workdir is never refused. The restarted run then removes the
+  markers such runs left (`clear_dead`).
   """
 
   def __init__(self, workdir, *, heartbeat_s: float = 10.0, stale_s: float = 45.0, clock=None,
@@ -140,21 +141,55 @@ class PrimaryClaim:
         continue  # half-written or vanished: not evidence of a live run
     return found
 
+  def dead_after_s(self, every: float) -> float:
+    """How long a marker beating every `every` seconds must be silent to count as dead: well
+    past `stale_s`, so that only a run that stopped (or hangs) is judged, never one whose beats
+    are merely late."""
+    return max(2 * self.stale_s, 10 * every)
+
+  def clear_dead(self):
+    """Removes the markers of runs proven to have ended: a process of this host that no longer
+    exists, or a heartbeat silent for `dead_after_s`; returns their owners. A marker that is
+    unreadable, or changes while it is judged, stays: nothing is proven about it."""
+    removed = []
+    for marker in self.directory.iterdir():
+      if marker.name == self.path.name:
+        continue
+      try:
+        text = marker.read_text()
+        owner, beat, every = text.split("\n")[:3]
+        silent = self._clock() - float(beat)
+        if not (self._gone_from_this_host(owner) or silent >= self.dead_after_s(float(every))):
+          continue
+        # Read again just before removing it: a run that beat meanwhile is alive after all. (A
+        # live run whose marker is removed anyway, one hung past dead_after_s, writes it again
+        # at its next beat.)
+        if marker.read_text() == text:
+          marker.unlink()
+          removed.append(owner)
+      except (OSError, ValueError):
+        continue
+    if removed:
+      log.info("removed the process-0 markers of ended runs from %s: %s", self.directory,
+               ", ".join(removed))
+    return removed
+
   def check(self):
-    """Raises DuplicatePrimaryError if another live process 0 writes to this workdir."""
+    """Raises DuplicatePrimaryError if another live process 0 writes to this workdir; else
+    removes the markers of ended runs."""
     suspects = self.others()
-    if not suspects:
-      return
-    self._sleep(min(1.5 * max(every for _, every in suspects.values()), self.stale_s))
-    now = self.others()
-    live = sorted(o for o in now if o in suspects and now[o][0] != suspects[o][0])
-    if live:
-      raise DuplicatePrimaryError(
-          f"another process that is also process 0 writes to this workdir ({', '.join(live)}; "
-          f"this is {self.owner}): N processes started without multi-host initialisation each "
-          "believe they are process 0. Start them as one multi-host run (TPU and SLURM are "
-          "detected; else set --config.distributed.coordinator_address, num_processes and "
-          "process_id), or give each run its own workdir")
+    if suspects:
+      self._sleep(min(1.5 * max(every for _, every in suspects.values()), self.stale_s))
+      now = self.others()
+      live = sorted(o for o in now if o in suspects and now[o][0] != suspects[o][0])
+      if live:
+        raise DuplicatePrimaryError(
+            f"another process that is also process 0 writes to this workdir ({', '.join(live)}; "
+            f"this is {self.owner}): N processes started without multi-host initialisation each "
+            "believe they are process 0. Start them as one multi-host run (TPU and SLURM are "
+            "detected; else set --config.distributed.coordinator_address, num_processes and "
+            "process_id), or give each run its own workdir")
+    self.clear_dead()
 
   def release(self):
     self._stop.set()

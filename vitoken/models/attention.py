@@ -10,12 +10,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitoken.errors import ConfigError
+
 IMPLEMENTATIONS = (None, "auto", "xla", "cudnn")
 
 
 def check_implementation(implementation: Optional[str]) -> Optional[str]:
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    raise ConfigError(f"attention implementation must be one of {IMPLEMENTATIONS} "
+                      f"(attention_impl), got {implementation!r}")
   return None if implementation == "auto" else implementation
 
 
@@ -129,7 +132,7 @@ class SelfAttention(nn.Module):
     """
     _, _, width = x.shape
     if width % self.num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+      raise ConfigError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     init = dict(kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
                 param_dtype=self.param_dtype)

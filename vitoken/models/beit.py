@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
+from vitoken.errors import InputError
 from vitoken.models import mae, simmim
 
 
@@ -56,7 +57,7 @@ class BEiT(nn.Module):
     encoder = self.encoder_model(name="encoder")
     tokens = simmim.masked_patch_tokens(encoder, images, mask, train, "BEiT")
     if codes.shape != mask.shape:
-      raise ValueError(f"BEiT needs one code per patch: codes {tuple(codes.shape)} vs mask "
+      raise InputError(f"BEiT needs one code per patch: codes {tuple(codes.shape)} vs mask "
                        f"{tuple(mask.shape)}")
     logits = nn.Dense(self.codebook_size, dtype=encoder.dtype, param_dtype=encoder.param_dtype,
                       kernel_init=nn.initializers.truncated_normal(0.02),

@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from vitoken.errors import ConfigError
 from vitoken.models.patches import PatchGrid, spatial_grid
 
 # BEiT's ImageNet setting: 75 of the 14 x 14 patches of a 224 px image with 16 px patches.
@@ -56,22 +57,22 @@ class BlockMasking:
     grid = (grid, grid) if isinstance(grid, (int, np.integer)) else tuple(grid)
     if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1
                              for g in grid):
-      raise ValueError(f"the mask grid must be (height, width) of positive ints, got {grid!r}")
+      raise ConfigError(f"the mask grid must be (height, width) of positive ints, got {grid!r}")
     gh, gw = self.grid = tuple(int(g) for g in grid)
     budget = default_budget(self.grid) if budget is None else budget
     _check_count(budget, "mask_patches (the masking budget)")
     if budget > gh * gw:
-      raise ValueError(f"mask_patches {budget} is larger than the {gh}x{gw} grid of {gh * gw} "
-                       "patches")
+      raise ConfigError(f"mask_patches {budget} is larger than the {gh}x{gw} grid of {gh * gw} "
+                        "patches")
     _check_count(min_patches, "min_block_patches")
     if max_patches is not None:
       _check_count(max_patches, "max_block_patches")
     if (isinstance(min_aspect, bool) or not isinstance(min_aspect, (int, float))
         or not math.isfinite(min_aspect) or min_aspect <= 0):
-      raise ValueError(f"min_aspect must be a positive number, got {min_aspect!r}")
+      raise ConfigError(f"min_aspect must be a positive number, got {min_aspect!r}")
     max_aspect = max_aspect or 1 / min_aspect
     if max_aspect < min_aspect:
-      raise ValueError(f"max_aspect {max_aspect} is below min_aspect {min_aspect}")
+      raise ConfigError(f"max_aspect {max_aspect} is below min_aspect {min_aspect}")
     self.budget, self.min_patches = int(budget), int(min_patches)
     self.max_patches = self.budget if max_patches is None else int(max_patches)
     self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
@@ -114,4 +115,4 @@ class BlockMasking:
 
 def _check_count(value, what: str) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{what} must be a positive int, got {value!r}")
+    raise ConfigError(f"{what} must be a positive int, got {value!r}")

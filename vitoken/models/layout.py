@@ -6,6 +6,8 @@ from typing import Any, Dict
 import jax
 import jax.numpy as jnp
 
+from vitoken.errors import InputError
+
 _BLOCK = re.compile(r"^block_(\d+)$")
 
 
@@ -27,9 +29,9 @@ def to_scanned(params: Dict[str, Any]) -> Dict[str, Any]:
   params = _plain(params)
   idx = sorted(int(m.group(1)) for k in params if (m := _BLOCK.match(k)))
   if not idx:
-    raise ValueError("no block_NN subtrees to stack: are these params already scanned?")
+    raise InputError("no block_NN subtrees to stack: are these params already scanned?")
   if idx != list(range(len(idx))):
-    raise ValueError(f"block indices are not contiguous from 0: {idx}")
+    raise InputError(f"block indices are not contiguous from 0: {idx}")
   blocks = [params.pop(f"block_{i:02d}") for i in idx]
   params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
   return params
@@ -38,7 +40,7 @@ def to_scanned(params: Dict[str, Any]) -> Dict[str, Any]:
 def to_unscanned(params: Dict[str, Any]) -> Dict[str, Any]:
   params = _plain(params)
   if "blocks" not in params:
-    raise ValueError("no scanned 'blocks' subtree: are these params already unscanned?")
+    raise InputError("no scanned 'blocks' subtree: are these params already unscanned?")
   stacked = params.pop("blocks")
   depth = jax.tree.leaves(stacked)[0].shape[0]
   for i in range(depth):

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError
 from vitoken.models import posemb as posemb_lib, variants, vit
 from vitoken.models.masking import (  # noqa: F401
   check_mask_ratio,
@@ -37,8 +38,9 @@ def encoder_fields(fields: Any, what: str) -> Dict[str, Any]:
   fields = settings_lib.as_dict(fields, f"{what} encoder")
   for key, value in _PRETRAIN_FIXED.items():
     if key in fields and fields[key] != value:
-      raise ValueError(f"{what} encoder: {key}={fields[key]!r} belongs to fine-tuning; the "
-                       f"pretraining encoder ends at its LayerNorm over every token ({key}={value!r})")
+      raise ConfigError(f"{what} encoder: {key}={fields[key]!r} belongs to fine-tuning; the "
+                        "pretraining encoder ends at its LayerNorm over every token "
+                        f"({key}={value!r})")
   fields = {"class_token": True, "posemb": "sincos2d_mae", "layer_norm_eps": 1e-6, **fields,
             **_PRETRAIN_FIXED}
   for key in ("dtype", "param_dtype"):
@@ -65,9 +67,9 @@ def pretraining_encoder(fields: Dict[str, Any], entry: Dict[str, Any],
 def check_token_count(encoded, expected: int, what: str):
   """Pretraining needs every (kept) patch token where the masking left it."""
   if encoded.shape[1] != expected:
-    raise ValueError(f"{what}: the encoder returned {encoded.shape[1]} tokens where the masking "
-                     f"leaves {expected}; token reducers that change the token count cannot run "
-                     "during pretraining (switch them on at fine-tune time)")
+    raise ConfigError(f"{what}: the encoder returned {encoded.shape[1]} tokens where the masking "
+                      f"leaves {expected}; token reducers that change the token count cannot run "
+                      "during pretraining (switch them on at fine-tune time)")
 
 
 def patch_stats(patches):
@@ -139,11 +141,11 @@ def check_decoder(width: int, depth: int, num_heads: int):
   for key, value in (("decoder_width", width), ("decoder_depth", depth),
                      ("decoder_heads", num_heads)):
     if not settings_lib.is_count(value):
-      raise ValueError(f"{key} must be a positive int, got {value!r}")
+      raise ConfigError(f"{key} must be a positive int, got {value!r}")
   if width % num_heads:
-    raise ValueError(f"decoder_width {width} is not divisible by decoder_heads {num_heads}")
+    raise ConfigError(f"decoder_width {width} is not divisible by decoder_heads {num_heads}")
   if width % 4:
-    raise ValueError(f"decoder_width {width} must be divisible by 4 (sin-cos positions)")
+    raise ConfigError(f"decoder_width {width} must be divisible by 4 (sin-cos positions)")
 
 
 class MaskedAutoencoder(nn.Module):

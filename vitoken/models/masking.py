@@ -14,6 +14,7 @@ from typing import Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from vitoken.errors import ConfigError, InputError
 from vitoken.models import gathers
 from vitoken.models.patches import PatchGrid
 from vitoken.settings import pair
@@ -23,7 +24,7 @@ Pair = Union[int, Sequence[int]]
 
 def check_mask_ratio(ratio, what: str = "mask_ratio") -> float:
   if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-    raise ValueError(f"{what} must be a number in (0, 1), got {ratio!r}")
+    raise ConfigError(f"{what} must be a number in (0, 1), got {ratio!r}")
   return float(ratio)
 
 
@@ -35,7 +36,8 @@ def patch_grid(image_hw: Sequence[int], patch: Pair) -> Tuple[int, int]:
 def patchify(images, patch: Pair):
   """[B, H, W, C] -> [B, L, ph*pw*C], each patch flattened (row, column, channel) as MAE's."""
   if images.ndim != 4:
-    raise ValueError(f"images must be [batch, height, width, channels], got shape {tuple(images.shape)}")
+    raise InputError("images must be [batch, height, width, channels], got shape "
+                     f"{tuple(images.shape)}")
   return PatchGrid.of(images.shape[1:3], pair(patch)).patchify(images)
 
 
@@ -48,14 +50,14 @@ def keep_count(length: int, mask_ratio: float) -> int:
   """How many of `length` patches MAE keeps: `int(L * (1 - ratio))`, the reference's rule."""
   keep = int(length * (1 - check_mask_ratio(mask_ratio)))
   if not 0 < keep < length:
-    raise ValueError(f"mask_ratio {mask_ratio} keeps {keep} of {length} patches; it must keep "
-                     "at least one and mask at least one")
+    raise ConfigError(f"mask_ratio {mask_ratio} keeps {keep} of {length} patches; it must keep "
+                      "at least one and mask at least one")
   return keep
 
 
 def check_noise(noise, batch: int, length: int, what: str = "noise"):
   if tuple(noise.shape) != (batch, length):
-    raise ValueError(f"{what} must be [batch, {length}] (one value per patch), got shape "
+    raise InputError(f"{what} must be [batch, {length}] (one value per patch), got shape "
                      f"{tuple(noise.shape)} for a batch of {batch}")
 
 
@@ -92,13 +94,13 @@ def simmim_grids(image_hw: Sequence[int], patch: Pair, mask_patch: int):
   """(coarse mask grid, model patches per mask cell side) with SimMIM's divisibility rules."""
   (h, w), (ph, pw) = tuple(image_hw), pair(patch)
   if not isinstance(mask_patch, int) or isinstance(mask_patch, bool) or mask_patch <= 0:
-    raise ValueError(f"mask_patch_size must be a positive int, got {mask_patch!r}")
+    raise ConfigError(f"mask_patch_size must be a positive int, got {mask_patch!r}")
   if ph != pw:
-    raise ValueError(f"SimMIM masks need square model patches, got {ph}x{pw}")
+    raise ConfigError(f"SimMIM masks need square model patches, got {ph}x{pw}")
   if mask_patch % ph:
-    raise ValueError(f"mask_patch_size {mask_patch} is not a multiple of the patch size {ph}")
+    raise ConfigError(f"mask_patch_size {mask_patch} is not a multiple of the patch size {ph}")
   if h % mask_patch or w % mask_patch:
-    raise ValueError(f"mask_patch_size {mask_patch} does not divide the image size {h}x{w}")
+    raise ConfigError(f"mask_patch_size {mask_patch} does not divide the image size {h}x{w}")
   return PatchGrid.of((h, w), mask_patch).grid, mask_patch // ph
 
 

@@ -16,6 +16,8 @@ from typing import Sequence, Tuple, Union
 
 import numpy as np
 
+from vitoken.errors import ConfigError, InputError
+
 Size = Union[int, Sequence[int]]
 
 
@@ -23,9 +25,9 @@ def _ints(values, what: str, minimum: int) -> Tuple[int, ...]:
   try:
     out = tuple(values)
   except TypeError:
-    raise ValueError(f"{what} must be a sequence of ints, got {values!r}") from None
+    raise ConfigError(f"{what} must be a sequence of ints, got {values!r}") from None
   if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in out):
-    raise ValueError(f"{what} must be ints >= {minimum}, got {values!r}")
+    raise ConfigError(f"{what} must be ints >= {minimum}, got {values!r}")
   return tuple(int(v) for v in out)
 
 
@@ -44,8 +46,8 @@ class PatchGrid:
     patch = _ints(self.patch, "patch size", 1)
     grid = _ints(self.grid, "patch grid", 0)
     if len(patch) not in (2, 3) or len(grid) != len(patch):
-      raise ValueError(f"a patch grid is 2-D (height, width) or 3-D (time, height, width) with "
-                       f"one patch size per axis, got patch {patch} and grid {grid}")
+      raise ConfigError(f"a patch grid is 2-D (height, width) or 3-D (time, height, width) with "
+                        f"one patch size per axis, got patch {patch} and grid {grid}")
     object.__setattr__(self, "patch", patch)
     object.__setattr__(self, "grid", grid)
 
@@ -56,16 +58,16 @@ class PatchGrid:
     (T, H, W) size is one frame deep. A patch that does not divide the size is an error."""
     size = _ints(image_size, "image size", 1)
     if len(size) not in (2, 3):
-      raise ValueError(f"image size must be (height, width) or (time, height, width), got {size}")
+      raise InputError(f"image size must be (height, width) or (time, height, width), got {size}")
     patch = (patch, patch) if isinstance(patch, (int, np.integer)) else tuple(patch)
     if len(size) == 3 and len(patch) == 2:
       patch = (1,) + patch
     patch = _ints(patch, "patch size", 1)
     if len(patch) != len(size):
-      raise ValueError(f"patch size {_times(patch)} does not match the {len(size)}-D image size "
+      raise InputError(f"patch size {_times(patch)} does not match the {len(size)}-D image size "
                        f"{_times(size)}")
     if any(s % p for s, p in zip(size, patch)):
-      raise ValueError(f"patch size {_times(patch)} does not divide the image size {_times(size)}")
+      raise InputError(f"patch size {_times(patch)} does not divide the image size {_times(size)}")
     return cls(patch, tuple(s // p for s, p in zip(size, patch)))
 
   @classmethod
@@ -119,9 +121,9 @@ class PatchGrid:
   def patchify(self, x):
     """[B, H, W, C] or [B, T, H, W, C] -> [B, L, prod(patch) * C] (numpy or jax arrays)."""
     if x.ndim != self.ndim + 2:
-      raise ValueError(f"images must be {self._layout()}, got shape {tuple(x.shape)}")
+      raise InputError(f"images must be {self._layout()}, got shape {tuple(x.shape)}")
     if tuple(x.shape[1:-1]) != self.size:
-      raise ValueError(f"images of shape {tuple(x.shape)} are not the {_times(self.size)} "
+      raise InputError(f"images of shape {tuple(x.shape)} are not the {_times(self.size)} "
                        f"pixels of a {_times(self.grid)} grid of {_times(self.patch)} patches")
     b, c = x.shape[0], x.shape[-1]
     if self.ndim == 2:
@@ -136,7 +138,7 @@ class PatchGrid:
     """The inverse of `patchify`: [B, L, prod(patch) * C] -> [B, H, W, C] or [B, T, H, W, C]."""
     b = patches.shape[0]
     if tuple(patches.shape[1:]) != (self.num_patches, self.patch_dim(channels)):
-      raise ValueError(f"patches of shape {tuple(patches.shape)} are not {_times(self.grid)} "
+      raise InputError(f"patches of shape {tuple(patches.shape)} are not {_times(self.grid)} "
                        f"patches of {_times(self.patch)}x{channels}")
     if self.ndim == 2:
       (gh, gw), (ph, pw) = self.grid, self.patch
@@ -152,7 +154,7 @@ def spatial_grid(grid: Union[PatchGrid, Sequence[int]]) -> Tuple[int, int]:
   the grid a 2-D position embedding is laid over."""
   if isinstance(grid, PatchGrid):
     if grid.frames != 1:
-      raise ValueError(f"a 2-D position embedding cannot cover a grid of {grid.frames} frames "
-                       f"({_times(grid.grid)})")
+      raise ConfigError(f"a 2-D position embedding cannot cover a grid of {grid.frames} frames "
+                        f"({_times(grid.grid)})")
     return grid.hw
   return tuple(grid)

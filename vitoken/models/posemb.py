@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitoken.errors import ConfigError, InputError
 from vitoken.models.patches import PatchGrid, spatial_grid
 
 Grid = Union[PatchGrid, Sequence[int]]
@@ -17,7 +18,7 @@ def sincos_2d(grid: Grid, width: int, temperature: float = 10_000.0, dtype=jnp.f
   """MoCo-v3 / big_vision fixed embedding: [1, h*w, width] of (sin x, cos x, sin y, cos y)."""
   h, w = spatial_grid(grid)
   if width % 4:
-    raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
+    raise ConfigError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
   y, x = np.mgrid[:h, :w]
   omega = np.arange(width // 4) / (width // 4 - 1)
   omega = 1.0 / (temperature ** omega)
@@ -39,7 +40,7 @@ def resize_posemb(posemb, old_grid: Grid, new_grid: Grid, *,
   old_grid, new_grid = spatial_grid(old_grid), spatial_grid(new_grid)
   expected = num_prefix + old_grid[0] * old_grid[1]
   if posemb.ndim != 3 or posemb.shape[0] != 1 or posemb.shape[1] != expected:
-    raise ValueError(f"position embedding of shape {tuple(posemb.shape)} does not match a "
+    raise InputError(f"position embedding of shape {tuple(posemb.shape)} does not match a "
                      f"{old_grid[0]}x{old_grid[1]} grid with {num_prefix} prefix positions "
                      f"(expected [1, {expected}, C])")
   if old_grid == new_grid:
@@ -66,7 +67,7 @@ def sincos_2d_mae(grid: Grid, width: int, dtype=jnp.float32):
   """
   h, w = spatial_grid(grid)
   if width % 4:
-    raise ValueError(f"MAE sin-cos position embeddings need a width divisible by 4, got {width}")
+    raise ConfigError(f"MAE sin-cos position embeddings need a width divisible by 4, got {width}")
   quarter = width // 4
   omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
   rows, cols = np.mgrid[:h, :w].astype(np.float64)

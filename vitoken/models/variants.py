@@ -1,6 +1,8 @@
 """big_vision's ViT variant strings: "Ti", "S/16", "B/32", "g/14", ..."""
 from typing import Any, Dict, Optional
 
+from vitoken.errors import ConfigError
+
 # Reference: Table 2 of https://arxiv.org/abs/2106.04560 (Scaling Vision Transformers).
 #          width, depth, mlp_dim, heads
 _SIZES = {
@@ -22,16 +24,18 @@ def decode_variant(variant: Optional[str]) -> Dict[str, Any]:
   if variant is None:
     return {}
   if not isinstance(variant, str):
-    raise ValueError(f"variant must be a string like 'B/16', got {variant!r}")
+    raise ConfigError(f"the ViT variant (model.variant) must be a string like 'B/16', got "
+                      f"{variant!r}")
   name, _, patch = variant.partition("/")
   if name not in _SIZES:
-    raise ValueError(f"unknown ViT variant {variant!r}; sizes are {sorted(_SIZES)}, "
-                     "optionally with a patch size, e.g. 'B/16'")
+    raise ConfigError(f"unknown ViT variant {variant!r} (model.variant); sizes are "
+                      f"{sorted(_SIZES)}, optionally with a patch size, e.g. 'B/16'")
   width, depth, mlp_dim, heads = _SIZES[name]
   out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
   if patch:
     if not patch.isdigit() or int(patch) <= 0:
-      raise ValueError(f"bad patch size in variant {variant!r}: expected e.g. 'B/16'")
+      raise ConfigError(f"bad patch size in variant {variant!r} (model.variant): give e.g. "
+                        "'B/16'")
     out["patch_size"] = (int(patch), int(patch))
   return out
 

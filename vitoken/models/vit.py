@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError, InputError
 from vitoken.models import attention as attention_lib, layers, posemb as posemb_lib, variants
 from vitoken.models.patches import PatchGrid
 from vitoken.models.reducers import base as rbase
@@ -128,8 +129,8 @@ class EncoderBlock(nn.Module):
         info = stage_info(stage, state, attn or {})
         missing = [n for n in reducer.needs if stage != rbase.PRE_BLOCK and getattr(info, n) is None]
         if missing:
-          raise ValueError(f"{reducer.where}: {reducer.name} needs {missing}, but an earlier "
-                           "reducer at this stage replaced the tokens without carrying them")
+          raise ConfigError(f"{reducer.where}: {reducer.name} needs {missing}, but an earlier "
+                            "reducer at this stage replaced the tokens without carrying them")
         state, aux = reducer(state, info, train=not self.deterministic)
         # A multi-stage method's losses and records are keyed by stage too, so none of one
         # stage overwrites another's.
@@ -294,40 +295,41 @@ class VisionTransformer(nn.Module):
     old_n = value.shape[1] - num_prefix
     side = int(round(np.sqrt(old_n)))
     if side * side != old_n:
-      raise ValueError(f"pos_embedding {value.shape}: not a square grid, cannot resize")
+      raise InputError(f"pos_embedding {value.shape}: not a square grid, cannot resize")
     return np.asarray(posemb_lib.resize_posemb(value, (side, side), self.patch_grid(image_size).hw,
                                                num_prefix=num_prefix, method=method))
 
   def _check_config(self) -> rbase.ReductionPlan:
     if self.pool_type not in POOL_TYPES:
-      raise ValueError(f"pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
+      raise ConfigError(f"pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
     if self.posemb not in POSEMB_TYPES:
-      raise ValueError(f"posemb must be one of {POSEMB_TYPES}, got {self.posemb!r}")
+      raise ConfigError(f"posemb must be one of {POSEMB_TYPES}, got {self.posemb!r}")
     if self.pool_type == "tok" and self.class_token is False:
-      raise ValueError("pool_type='tok' reads the class token, but class_token=False")
+      raise ConfigError("pool_type='tok' reads the class token, but class_token=False")
     if self.width % self.num_heads:
-      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+      raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     if self.remat_policy not in (None, "none") and not hasattr(jax.checkpoint_policies, self.remat_policy):
-      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; use a name from "
-                       "jax.checkpoint_policies, e.g. 'nothing_saveable'")
+      raise ConfigError(f"unknown remat_policy {self.remat_policy!r}; use a name from "
+                        "jax.checkpoint_policies, e.g. 'nothing_saveable'")
     attention_lib.check_implementation(self.attention_impl)
     plan = self.plan()
     for p in plan.embed:
       if p.name in TOP_NAMES or re.fullmatch(r"block_\d+", p.name) or _auto_name(p.name):
-        raise ValueError(f"token_reduction entry name {p.name!r} is taken by the ViT; give it "
-                         "another `name`")
+        raise ConfigError(f"token_reduction entry name {p.name!r} is taken by the ViT; give it "
+                          "another `name`")
     for p in (p for layer in plan.per_layer for p in layer):
       if p.name in BLOCK_NAMES or _auto_name(p.name):
-        raise ValueError(f"token_reduction entry name {p.name!r} is taken by the block; give it "
-                         "another `name`")
+        raise ConfigError(f"token_reduction entry name {p.name!r} is taken by the block; give it "
+                          "another `name`")
     return plan
 
   def _check_images(self, images) -> PatchGrid:
     if images.ndim != 4:
-      raise ValueError(f"images must be [batch, height, width, channels], got shape {tuple(images.shape)}")
+      raise InputError("images must be [batch, height, width, channels], got shape "
+                       f"{tuple(images.shape)}")
     if images.shape[-1] != self.channels:
       hint = " (it looks like NCHW; vitoken takes NHWC)" if images.shape[1] == self.channels else ""
-      raise ValueError(f"images have {images.shape[-1]} channels, the model takes {self.channels}: "
+      raise InputError(f"images have {images.shape[-1]} channels, the model takes {self.channels}: "
                        f"shape {tuple(images.shape)}{hint}")
     return self.patch_grid(images.shape[1:3])
 
@@ -381,7 +383,7 @@ class VisionTransformer(nn.Module):
       if self.has_variable("params", "pos_embedding"):
         have = tuple(self.get_variable("params", "pos_embedding").shape)
         if have != expected:
-          raise ValueError(
+          raise InputError(
               f"pos_embedding has shape {have} but images of {grid.hw[0]}x{grid.hw[1]} patches need "
               f"{expected}; resize it with vitoken.models.posemb.resize_posemb (the converters "
               "take image_size=...)")
@@ -415,8 +417,8 @@ class VisionTransformer(nn.Module):
 
     if self.scan:
       if not plan.scannable:
-        raise ValueError("scan=True needs the same shape-preserving reducers at every layer; "
-                         "this token_reduction changes the token count, use scan=False")
+        raise ConfigError("scan=True needs the same shape-preserving reducers at every layer; "
+                          "this token_reduction changes the token count, use scan=False")
       split = {"params": True, "dropout": True, **{s: True for s in plan.rng_streams}}
       blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs=split,
                        in_axes=(0, 0, nn.broadcast), length=self.depth)

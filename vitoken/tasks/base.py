@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError
 from vitoken.models import vit
 
 # Batch keys that are not model inputs; everything else a batch holds reaches the model as
@@ -250,7 +251,7 @@ def task_class(name: str) -> type:
   """The Task class registered as `name` (importing `vitoken.tasks` registers the built-in
   ones, and every caller reaches this module through that package)."""
   if name not in _REGISTRY:
-    raise ValueError(f"unknown task {name!r}; known: {registered_tasks()}")
+    raise ConfigError(f"unknown task {name!r}; known: {registered_tasks()} (config.task.name)")
   return _REGISTRY[name]
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError
 from vitoken.models.reducers import base as rbase
 from vitoken.tasks import base, classification, teacher as teacher_lib
 
@@ -40,8 +41,9 @@ def token_distillation(student_state, student_tokens, teacher_tokens, teacher_pr
   ids = student_state.ids[:, p:]
   s = student_tokens[:, p:].astype(jnp.float32)
   if s.shape[-1] != teacher_tokens.shape[-1]:
-    raise ValueError(f"token distillation needs equal widths: student {s.shape[-1]}, teacher "
-                     f"{teacher_tokens.shape[-1]}")
+    raise ConfigError(f"token distillation needs equal widths: student {s.shape[-1]}, teacher "
+                      f"{teacher_tokens.shape[-1]}; use a teacher of the student's width or set "
+                      "task.token_weight = 0")
   patch = ids - p
   weight = (ids >= p).astype(jnp.float32)  # learned tokens (LEARNED_ID) have no patch
   if student_state.mask is not None:
@@ -64,17 +66,19 @@ class Distillation(classification.Classification):
     super().__init__(config, info)
     spec = settings_lib.plain(teacher)
     if not spec or (isinstance(spec, dict) and not spec.get("path")):
-      raise ValueError(
+      raise ConfigError(
           f"distillation (logit_weight={logit_weight}, token_weight={token_weight}) needs a dense "
           "teacher: set config.task.teacher = dict(path=<a trained run's workdir or checkpoint>) "
           "(configs/token_pruning.py: teacher=<workdir>), or train with task "
           "'classification' to drop the distillation terms")
     self.teacher_model, self._teacher_params = teacher_lib.load(teacher, info)
     if temperature <= 0:
-      raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+      raise ConfigError(f"distillation temperature (task.temperature) must be > 0, got "
+                        f"{temperature}")
     if token_weight and self.teacher_model.patch_size != self.model.patch_size:
-      raise ValueError("token distillation needs the teacher's patch grid: patch sizes "
-                       f"{tuple(self.teacher_model.patch_size)} vs {tuple(self.model.patch_size)}")
+      raise ConfigError("token distillation needs the teacher's patch grid: patch sizes "
+                        f"{tuple(self.teacher_model.patch_size)} vs "
+                        f"{tuple(self.model.patch_size)}; use a teacher with the student's patch size or set task.token_weight = 0")
     self.ce_weight, self.logit_weight = float(ce_weight), float(logit_weight)
     self.temperature, self.hard, self.token_weight = float(temperature), bool(hard), float(token_weight)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import paths, settings as settings_lib, visualize
+from vitoken.errors import ConfigError
 from vitoken.models import beit, block_masking, mae, masking, simmim
 from vitoken.models.tokenizers import common as tokenizer_common
 from vitoken.tasks import base, runs
@@ -46,7 +47,7 @@ class MaskedImageModeling(base.Task):
   def __init__(self, config, info, preview_examples: int = 8):
     super().__init__(config, info)
     if not isinstance(preview_examples, int) or preview_examples < 0:
-      raise ValueError(f"task preview_examples must be an int >= 0, got {preview_examples!r}")
+      raise ConfigError(f"task preview_examples must be an int >= 0, got {preview_examples!r}")
     self.preview_examples = preview_examples
 
   def pretraining_model(self):
@@ -162,7 +163,7 @@ class MAETask(MaskedImageModeling):
     masking.check_mask_ratio(mask_ratio, "task mask_ratio")
     mae.check_decoder(decoder_width, decoder_depth, decoder_heads)
     if not isinstance(norm_pix_loss, bool):
-      raise ValueError(f"task norm_pix_loss must be a bool, got {norm_pix_loss!r}")
+      raise ConfigError(f"task norm_pix_loss must be a bool, got {norm_pix_loss!r}")
     self.settings = dict(mask_ratio=float(mask_ratio), norm_pix_loss=norm_pix_loss,
                          decoder_width=decoder_width, decoder_depth=decoder_depth,
                          decoder_heads=decoder_heads, decoder_mlp_dim=decoder_mlp_dim)
@@ -241,8 +242,9 @@ class BEiTTask(MaskedImageModeling):
     spec = settings_lib.plain(tokenizer)
     self.tokenizer_path = spec.get("path") if isinstance(spec, dict) else spec
     if not self.tokenizer_path or not isinstance(self.tokenizer_path, str):
-      raise ValueError("task beit needs `tokenizer`: the workdir of a visual tokenizer (`python -m "
-                       "vitoken.tokenizers --config=configs/visual_tokenizer.py --workdir=DIR`)")
+      raise ConfigError("task beit needs `tokenizer` (config.task.tokenizer): the workdir of a "
+                        "visual tokenizer (`python -m vitoken.tokenizers "
+                        "--config=configs/visual_tokenizer.py --workdir=DIR`)")
     # The encoder's patch size without building the model (its head needs the tokenizer).
     self.patch_size = tuple(mae.pretraining_encoder(
         beit.BEiT(encoder=self.encoder_spec()).encoder_config(), {"method": "mask_token"}).patch_size)

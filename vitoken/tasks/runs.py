@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vitoken import paths, settings as settings_lib
+from vitoken import errors, paths, settings as settings_lib
 from vitoken.data import pipeline
-from vitoken.engine import checkpoint as ckpt_lib
+from vitoken.engine import checkpoint as ckpt_lib, sharding
 from vitoken.tasks import base
 
 TOKENIZER_TASKS = ("kmeans_tokenizer", "fsq_tokenizer")
@@ -27,23 +27,25 @@ def _shape_problems(expected, params):
 
 
 def load_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]] = None,
-               what: str = "checkpoint"):
+               what: str = "checkpoint", mesh=None):
   """(model, params, run config) of a run's checkpoint; names every param that does not fit.
   The model is the run's ViT, or the model its task builds around the ViT (a masked-modeling
   pretraining run's MAE / SimMIM / BEiT model; BEiT's also loads its tokenizer).
 
-  `info` (a pipeline.DataInfo) gives the image shape and classes; without it they come from
-  the saved config and the params themselves.
+  Only the params are read, on this machine's devices whatever wrote them: onto the default
+  device, or with `mesh` sharded as they are read by the run's sharding rules. `info` (a
+  pipeline.DataInfo) gives the image shape and classes; without it they come from the saved
+  config and the params' shapes.
   """
   config = ckpt_lib.load_run_config(path)
-  params = ckpt_lib.load_params(path)
+  shapes = ckpt_lib.params_shapes(path)
   task_cls = base.task_class((config.get("task") or {}).get("name", "classification"))
   scope = task_cls.backbone_scope  # None: the run's model is its ViT
   if info is None:
     size = int(config.data.image_size)
-    stem = params[scope] if scope and scope in params else params
-    channels = int(np.shape(stem["embedding"]["kernel"])[2])
-    classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
+    stem = shapes[scope] if scope and scope in shapes else shapes
+    channels = int(stem["embedding"]["kernel"].shape[2])
+    classes = int(shapes["head"]["kernel"].shape[-1]) if "head" in shapes else 0
     info = pipeline.DataInfo(num_classes=classes, image_shape=(size, size, channels),
                              train_examples=0, eval_examples=0)
   fields = {**settings_lib.as_dict(config.model, "model config"), **(model_overrides or {})}
@@ -51,43 +53,49 @@ def load_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]] = N
     # A model around the ViT (a pretraining run's encoder + decoder): its task builds it.
     task = base.build(ml_collections.ConfigDict(
         {"model": fields, "task": settings_lib.as_dict(config.task, "task")}), info)
-    model, dtype = task.model, task.backbone().param_dtype
+    model, dtype, rules = task.model, task.backbone().param_dtype, task.sharding_rules()
     expected = jax.eval_shape(task.init_params, jax.random.key(0), task.example_batch())
   else:
     model = base.vit_from_config(fields, info)
-    dtype = model.param_dtype
+    dtype, rules = model.param_dtype, model.sharding_rules()
     images = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
     expected = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-  problems = _shape_problems(expected, params)
+  problems = _shape_problems(expected, shapes)
   if problems:
-    raise ValueError(f"{what} {path} does not fit the model its config describes (check the "
-                     "model overrides and the data's image size and classes):\n  "
-                     + "\n  ".join(problems[:10]))
-  return model, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), config
+    raise errors.CheckpointError(
+        f"{what} {path} does not fit the model its config describes (check the model "
+        "overrides and the data's image size and classes):\n  " + "\n  ".join(problems[:10]))
+  if mesh is None:
+    placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  else:
+    rules = sharding.combined_rules(config.get("sharding", {}).get("rules", ()), rules)
+    placement = sharding.tree_shardings(shapes, mesh, rules)
+  params = ckpt_lib.load_params(path, shardings=placement)
+  return model, jax.tree.map(lambda x: x.astype(dtype), params), config
 
 
 def load_tokenizer(path, info=None) -> Tuple[Any, Any]:
   """(tokenizer, params) of a tokenizer's workdir or checkpoint; `tokenizer.encode(params,
   images)` gives the codes. `info` (a pipeline.DataInfo) defaults to the run's own data."""
   if not path:
-    raise ValueError("the tokenizer needs a `path`: the workdir of `python -m vitoken.tokenizers`")
+    raise errors.ConfigError("the tokenizer needs a `path`: the workdir of `python -m vitoken.tokenizers`")
   if not paths.resolve(path).exists():
-    raise FileNotFoundError(f"tokenizer: {path} does not exist (fit one with `python -m "
+    raise errors.MissingPathError(f"tokenizer: {path} does not exist (fit one with `python -m "
                             "vitoken.tokenizers --config=configs/visual_tokenizer.py --workdir=...`)")
   config = ckpt_lib.load_run_config(path)
   name = (config.get("task") or {}).get("name")
   if name not in TOKENIZER_TASKS:
-    raise ValueError(f"{path} holds a {name!r} run, not a tokenizer ({TOKENIZER_TASKS})")
+    raise errors.CheckpointError(f"{path} holds a {name!r} run, not a tokenizer ({TOKENIZER_TASKS})")
   if info is None:
     info = pipeline.DataInfo(num_classes=0, image_shape=_image_shape(config), train_examples=0,
                              eval_examples=0)
   task = base.build(config, info)
-  params = jax.tree.map(jnp.asarray, ckpt_lib.load_params(path))
+  params = ckpt_lib.load_params(path, shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   want = jax.tree.map(lambda a: a.shape, jax.eval_shape(task.init_params, jax.random.key(0),
                                                         task.example_batch()))
   got = jax.tree.map(jnp.shape, params)
   if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
-    raise ValueError(f"the tokenizer checkpoint at {path} does not fit the tokenizer its config "
+    raise errors.CheckpointError(f"the tokenizer checkpoint at {path} does not fit the tokenizer its config "
                      f"describes (params {got} vs {want}): a different or damaged checkpoint")
   return task.tokenizer(), params
 

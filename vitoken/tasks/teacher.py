@@ -6,6 +6,7 @@
 """
 from vitoken import settings as settings_lib
 from vitoken.convert import from_big_vision
+from vitoken.errors import ConfigError
 from vitoken.tasks import base, runs
 
 DEFAULTS = {"path": None, "model": {}}
@@ -16,7 +17,8 @@ def load(spec, info):
   spec = settings_lib.resolve(spec, DEFAULTS, "teacher config")
   path, model_opts = spec["path"], dict(spec["model"] or {})
   if not path:
-    raise ValueError("the teacher needs a `path`: a run's workdir or checkpoint, or a big_vision .npz")
+    raise ConfigError("the teacher needs a `path` (config.task.teacher.path): a run's workdir or "
+                      "checkpoint, or a big_vision .npz")
   path = str(path)
   if path.endswith(".npz"):
     variant = model_opts.pop("variant", None)

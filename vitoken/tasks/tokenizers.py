@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError
 from vitoken.models.tokenizers import common, fsq, kmeans
 from vitoken.tasks import base
 
@@ -120,8 +121,8 @@ class KMeansTokenizerTask(TokenizerTask):
     """One mini-batch k-means step; at step 0 the centroids first start from k-means++ on
     that batch (seeded by `config.seed`)."""
     if jax.process_count() > 1:
-      raise ValueError("k-means fitting runs in one process (its updates are not reduced "
-                       "across hosts); fit it on one host and share the workdir")
+      raise ConfigError("k-means fitting runs in one process (its updates are not reduced "
+                        "across hosts); fit it on one host and share the workdir")
     tok, images = self._tokenizer, batch["image"]
     params = jax.lax.cond(state["step"] == 0,
                           lambda: tok.init(jax.random.key(self.config.seed), images),

@@ -1,12 +1,12 @@
 """python -m vitoken.tokenizers --config=configs/visual_tokenizer.py[:arg] --workdir=DIR"""
 from absl import app, flags
-from ml_collections import config_flags
 
-from vitoken import tokenizers
+from vitoken import cli, tokenizers
 from vitoken.engine.metrics import quiet_libraries
+from vitoken.train import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a tokenizer config with get_config(arg)",
-                                          lock_config=True)
+_CONFIG = cli.DEFINE_config_file("config", "a tokenizer config with get_config(arg)",
+                                  reference=config_lib.override_reference)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the tokenizer's checkpoint and summary go")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -22,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

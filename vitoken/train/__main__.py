@@ -1,12 +1,12 @@
 """python -m vitoken.train --config=configs/<file>.py[:arg] --workdir=DIR [--config.key=value ...]"""
 from absl import app, flags
-from ml_collections import config_flags
 
+from vitoken import cli
 from vitoken.engine import distributed, metrics
-from vitoken.train import trainer
+from vitoken.train import config as config_lib, trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file with get_config(arg)",
-                                          lock_config=True)
+_CONFIG = cli.DEFINE_config_file("config", "a config file with get_config(arg)",
+                                  reference=config_lib.override_reference)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and summary.json go")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

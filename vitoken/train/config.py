@@ -4,11 +4,15 @@ Config files start from `base_config()` and change what they need, so every key 
 take exists here with its default, and a misspelt key is an error instead of being ignored.
 Sections owned by other modules (`data`, `optim`, `schedule`, `model`) are checked there.
 """
+import difflib
+
 import ml_collections
 
 from vitoken import settings as settings_lib
 from vitoken.data import pipeline
 from vitoken.engine import optim
+from vitoken.errors import ConfigError
+from vitoken.models import vit
 
 # Sections whose keys are checked by their owner, not against the defaults below.
 FREE_FORM = ("model", "eval_model_overrides", "data", "optim", "schedule", "task")
@@ -27,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   # What is trained and how it is judged (vitoken.tasks): "classification" (default),
   # "distillation" (with a teacher), ...; the other keys are the task's settings.
   c.task = ml_collections.ConfigDict({"name": "classification"})
-  c.model = ml_collections.ConfigDict({"variant": "Ti/16"})
+  # token_reduction: {"method": ..., **settings}, a list of them, or None (no reduction).
+  c.model = ml_collections.ConfigDict({"variant": "Ti/16", "token_reduction": None})
   c.eval_model_overrides = ml_collections.ConfigDict()  # e.g. a token_reduction for eval only
   c.data = pipeline.default_data_config()
   c.optim = optim.default_optim_config()
@@ -100,23 +105,39 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; this config takes {sorted(defaults)}")
+      close = difflib.get_close_matches(key, list(defaults), n=1)
+      raise ConfigError(f"unknown config argument {key!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else "")
+                        + f"; this config takes {sorted(defaults)}, after the file's colon: "
+                        "file.py:key=value,flag,...")
     default = defaults[key]
     if not eq:
       value = True
     elif isinstance(default, bool):
       if value.lower() not in _TRUE + _FALSE:
-        raise ValueError(f"config argument {key}={value!r} is not a boolean; use one of "
-                         f"{_TRUE + _FALSE}")
+        raise ConfigError(f"config argument {key}={value!r} is not a boolean; use one of "
+                          f"{_TRUE + _FALSE}")
       value = value.lower() in _TRUE
     elif isinstance(default, (int, float)) and default is not None:
       try:
         value = type(default)(value)
       except ValueError:
-        raise ValueError(f"config argument {key}={value!r} is not a{'n' if isinstance(default, int) else ''} "
-                         f"{type(default).__name__}") from None
+        raise ConfigError(f"config argument {key}={value!r} is not a"
+                          f"{'n' if isinstance(default, int) else ''} {type(default).__name__}; "
+                          f"give e.g. {key}={default!r}") from None
     out[key] = value
   return out
+
+
+def override_reference() -> ml_collections.ConfigDict:
+  """The keys `--config.<key>=...` may set even where a config file left them out: those of
+  `base_config()`, and every ViT field under `model` and `eval_model_overrides` (None there:
+  taken as given, JSON or a string)."""
+  c = base_config()
+  fields = dict.fromkeys(vit.option_names() + ("variant",))
+  c.model = ml_collections.ConfigDict(fields)
+  c.eval_model_overrides = ml_collections.ConfigDict(fields)
+  return c
 
 
 def check_keys(config, reference=None, prefix: str = ""):

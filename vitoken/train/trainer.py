@@ -7,6 +7,7 @@ on the task or the token-reduction method (reducers' auxiliary losses arrive in 
 pins its in/out shardings, and the host reads metrics only every `log_every_steps` (that is
 also where a NaN loss is caught, naming its exact step, before any checkpoint can store it).
 """
+import contextlib
 import functools
 import json
 import logging
@@ -14,12 +15,13 @@ import os
 import time
 from typing import Any, Dict, List, Tuple
 
+import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vitoken import paths, tasks as tasks_lib
+from vitoken import errors, paths, tasks as tasks_lib
 from vitoken.data import pipeline
 from vitoken.engine import (
   checkpoint as ckpt_lib,
@@ -43,20 +45,23 @@ def check_workdir(workdir: str) -> str:
   try:
     path = paths.resolve(workdir)
   except ValueError as e:
-    raise ValueError(f"workdir {e}") from None
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_test_{jax.process_index()}"
-    probe.write_text("ok")
-    probe.unlink()
-  except Exception as e:  # pylint: disable=broad-except  (buckets fail with auth/import errors too)
-    raise ValueError(f"workdir {path} is not writable: {type(e).__name__}: {e}") from e
+    raise errors.ConfigError(f"workdir {e}") from None
+  for folder in [path, *path.parents]:
+    if folder.is_file():
+      raise errors.ConfigError(
+          f"workdir {path} is not writable: {folder} is a file, not a folder. Pass a --workdir "
+          "that is a folder or does not exist yet (it is created)")
+  ckpt_lib.check_writable(path, "workdir")
   return os.fspath(path)
 
 
-def _mean_metrics(records: List[Dict[str, float]]) -> Dict[str, float]:
-  keys = records[0].keys()
-  return {k: float(np.mean([r[k] for r in records])) for k in keys}
+# Metrics logged as their value at the logged step; every other one is the window's mean.
+_AT_STEP = ("lr",)
+
+
+def _window_metrics(records: List[Dict[str, float]]) -> Dict[str, float]:
+  return {k: float(records[-1][k]) if k in _AT_STEP else float(np.mean([r[k] for r in records]))
+          for k in records[0]}
 
 
 class Trainer:
@@ -134,8 +139,12 @@ class Trainer:
       raise ValueError(f"batch_size {c.batch_size} is not divisible by the {jax.process_count()} processes")
 
   # ---- state and steps -------------------------------------------------------------------
-  def _init_state(self):
+  def _init_state(self, loaded=None):
+    """The state at step 0; `loaded` ({"/"-path: array}) replaces those params."""
     params = self.task.init_params(jax.random.key(self.config.seed), self.example)
+    if loaded:
+      params = traverse_util.unflatten_dict(
+          {**traverse_util.flatten_dict(params, sep="/"), **loaded}, sep="/")
     state = {"step": jnp.zeros((), jnp.int32), "params": params}
     if self.tx is not None:
       state["opt_state"] = self.tx.init(params)
@@ -215,27 +224,33 @@ class Trainer:
     if state is not None:
       log.info("resumed from the checkpoint at step %d in %s", step, self.checkpointer.directory)
       return int(step), state
-    state, _ = sharding.init_sharded(self._init_state, self.mesh, self.rules)
     if self.config.init_from.path:
-      state = self._init_from(state)
+      return 0, self._init_from()
+    state, _ = sharding.init_sharded(self._init_state, self.mesh, self.rules)
     return 0, state
 
-  def _init_from(self, state):
+  def _init_from(self):
+    """A fresh state whose params are those of `config.init_from`, read once to the host
+    (params only, whatever devices wrote them), placed by this run's shardings and handed to
+    the sharded init, which keeps them (donated, not copied) and initialises only the rest:
+    the fresh values they replace are never made, so the host holds one extra copy of the
+    params at most."""
     c = self.config.init_from
     backbone = self.task.backbone()  # the ViT that knows how to fit loaded params (posemb)
     loaded = ckpt_lib.subtree(ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2]),
                               c.subtree, c.path)
     adapt = functools.partial(backbone.adapt_loaded, image_size=self.info.image_shape[:2],
                               method=c.posemb_resize)
-    params, kept = ckpt_lib.merge_params(
-        jax.tree.map(np.asarray, jax.device_get(state["params"])), loaded, exclude=c.exclude or None,
-        adapt=adapt)
+    merged, kept = ckpt_lib.merge_params(self.abstract_state["params"], loaded,
+                                         exclude=c.exclude or None, adapt=adapt)
+    del loaded
     log.info("init_from %s (kept fresh: %s)", c.path, kept)
-    params = jax.device_put(params, self.state_shardings["params"])
-    state = dict(state, params=params)
-    if "ema_params" in state:
-      state["ema_params"] = jax.device_put(params, self.state_shardings["ema_params"])
-    return state
+    placements = traverse_util.flatten_dict(self.state_shardings["params"], sep="/")
+    placed = {k: jax.device_put(v, placements[k])
+              for k, v in traverse_util.flatten_dict(merged, sep="/").items() if k not in kept}
+    del merged
+    init = jax.jit(self._init_state, donate_argnums=0, out_shardings=self.state_shardings)
+    return init(placed)
 
   def evaluate(self, params) -> Dict[str, float]:
     """The task's metrics over the whole eval split; every eval draws the same randomness
@@ -269,12 +284,27 @@ class Trainer:
     records = jax.device_get([m for _, m in pending])
     for (step, _), rec in zip(pending, records):
       if not np.isfinite(rec["loss"]):
-        last = self.checkpointer.latest_step()
+        self.checkpointer.wait()
+        last = self.checkpointer.last_good_step
         raise TrainingDiverged(
             f"loss is {float(rec['loss'])} at step {step}; stopping. The last good checkpoint is "
-            + (f"step {last} in {self.checkpointer.directory}" if last is not None else "none (no checkpoint was saved)"))
+            + (f"step {last} in {self.checkpointer.directory}" if last is not None
+               else "none (this run saved or restored none)"))
     pending.clear()
-    return _mean_metrics([{k: float(v) for k, v in r.items()} for r in records])
+    return _window_metrics([{k: float(v) for k, v in r.items()} for r in records])
+
+  def _evaluate_all(self, state, step: int, logger) -> Dict[str, Dict[str, float]]:
+    """The eval metrics of the params (and the EMA params), logged; previews written."""
+    results = {"eval": self.evaluate(state["params"])}
+    if "ema_params" in state:
+      results["eval_ema"] = self.evaluate(state["ema_params"])
+    for split, values in results.items():
+      logger.write(step, values, split=split)
+      log.info("%s at step %d: %s", split, step,
+               ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    if self.task.previews:
+      self.write_preview(state["params"], step)
+    return results
 
   def _meta(self, step: int) -> Dict[str, Any]:
     return {"step": step, "config": json.loads(self.config.to_json_best_effort()),
@@ -320,10 +350,18 @@ class Trainer:
     train_metrics: Dict[str, float] = {}
     eval_metrics: Dict[str, Dict[str, float]] = {}
     t_start, steps_run = time.time(), 0
+    throughput = metrics_lib.Throughput(c.batch_size)
+    compiled_phases = set()
     try:
       for step in range(start_step + 1, c.total_steps + 1):
         batch = self._global(next(train_iter))
-        state, metrics = self.train_step(state, batch, self.frozen, self.phase(step - 1))
+        phase = self.phase(step - 1)
+        # The first call of each phase's program compiles it (synchronously): not training.
+        with throughput.paused() if phase not in compiled_phases else contextlib.nullcontext():
+          state, metrics = self.train_step(state, batch, self.frozen, phase)
+        compiled_phases.add(phase)
+        throughput.count()
+        self.checkpointer.poll()  # a background save that failed stops the run now
         pending.append((step, metrics))
         steps_run += 1
         last = step == c.total_steps
@@ -331,23 +369,18 @@ class Trainer:
         do_save = last or step % max(c.checkpoint.every_steps, 1) == 0
         if last or do_eval or do_save or step % c.log_every_steps == 0:
           train_metrics = self._drain(pending)
+          rate = throughput.read()
+          if rate is not None:
+            train_metrics["images_per_s"] = rate
           if claim is not None:
             claim.check()
           logger.write(step, train_metrics, split="train")
           logger.progress(step, loss=train_metrics["loss"])
-        if do_eval:
-          eval_metrics = {"eval": self.evaluate(state["params"])}
-          if "ema_params" in state:
-            eval_metrics["eval_ema"] = self.evaluate(state["ema_params"])
-          for split, values in eval_metrics.items():
-            logger.write(step, values, split=split)
-            log.info("%s at step %d: %s", split, step,
-                     ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-          if self.task.previews:
-            self.write_preview(state["params"], step)
-        if do_save:
-          self.checkpointer.save(step, state, train_iter, self._meta(step), force=True)
-          log.info("checkpoint at step %d saved to %s", step, self.checkpointer.directory)
+        with throughput.paused():
+          if do_eval:
+            eval_metrics = self._evaluate_all(state, step, logger)
+          if do_save:  # reported saved by the checkpointer once committed
+            self.checkpointer.save(step, state, train_iter, self._meta(step), force=True)
     finally:
       self.checkpointer.close()
       logger.close()
@@ -362,7 +395,8 @@ class Trainer:
         "task": self.task.task_name, "headline": self.task.headline,
         "final_step": c.total_steps, "start_step": start_step, "train": train_metrics,
         **eval_metrics, "wall_time_s": wall, "steps_run": steps_run,
-        "images_per_s": steps_run * c.batch_size / wall if wall > 0 else None,
+        # Training only: compilation, evaluation and saves left out.
+        "images_per_s": throughput.overall,
         "num_params": self.num_params, "devices": jax.device_count(),
         "processes": jax.process_count(), "mesh": dict(self.mesh.shape),
     }

@@ -34,3 +34,4 @@ from vitoken.engine.metrics.records import (
                                             read_summary,
                                             write_summary,
 )
+from vitoken.engine.metrics.throughput import Throughput

@@ -87,10 +87,11 @@ class MetricLogger:
   def _tb_writer(self, split: str) -> EventFileWriter:
     writer = self._tb_writers.get(split)
     if writer is None:
-      # A resumed run purges the stale tail of the interrupted one (> start_step) in
-      # TensorBoard, like in metrics.jsonl.
+      # The session logs steps > start_step: TensorBoard drops what earlier sessions wrote
+      # there, as _truncate_for_resume does in metrics.jsonl (a fresh run too: it may be a
+      # restart from scratch in an old workdir).
       writer = EventFileWriter(self._dir / TENSORBOARD_DIR / split,
-                                purge_step=self.start_step + 1 if self.start_step > 0 else None)
+                               first_step=self.start_step + 1)
       self._tb_writers[split] = writer
     return writer
 

@@ -5,7 +5,7 @@ import io
 import itertools
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 from etils import epath
 import numpy as np
@@ -61,23 +61,32 @@ class EventFileWriter:
 
   (tensorboardX's SummaryWriter queues events for a background thread and its flush() does
   not wait for that queue, so a run killed right after a write could lose it.)
+
+  `first_step` is the first step this writer's session logs: the file opens with a
+  SessionLog.START at that step, through which TensorBoard drops what earlier files hold at
+  steps >= first_step (the steps a killed run wrote past the checkpoint this one resumed from).
   """
 
   _seq = itertools.count()
 
-  def __init__(self, logdir, *, purge_step: Optional[int] = None):
+  def __init__(self, logdir, *, first_step: int):
     event_file_writer, self._event_pb2, self._summary_pb2 = _tensorboardx()
     logdir = epath.Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     # events.out.tfevents.{time}.{host}.{pid}.{seq}: the zero-padded sequence keeps files of
-    # one process sorted by creation, the order TensorBoard reads them in (it matters for the
-    # resume purge below).
+    # one process sorted by creation, the order both TensorBoard loaders read a run's files in
+    # (the purges below depend on it).
     self._writer = event_file_writer.EventsWriter(
         os.fspath(logdir / "events"), filename_suffix=f".{os.getpid()}.{next(self._seq):04d}")
-    if purge_step is not None:
-      # TensorBoard drops already-loaded points at steps >= a SessionLog.START's step.
+    # The full loader (plugin_event_accumulator) purges at every START except a run's first,
+    # which it takes for the run's beginning. Files written before this writer began each with
+    # a START (or by other writers) have none, and a single START here would then be that
+    # "first" one and purge nothing; the second one purges in that case, and repeats the first
+    # one's purge otherwise. (The fast loader ignores SessionLog: it drops a tag's points at
+    # steps >= each point it reads, which needs nothing from the writer.)
+    for _ in range(2):
       self._writer.write_event(self._event_pb2.Event(
-          wall_time=time.time(), step=purge_step,
+          wall_time=time.time(), step=int(first_step),
           session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
 
   def add_scalars(self, step: int, wall_time: float, scalars: Dict[str, float]) -> None:

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitoken.errors import ConfigError
 from vitoken.models.reducers.token_state import TokenState
 
 # Stages at which a reducer can act.
@@ -137,8 +138,8 @@ class Reducer(nn.Module):
     """Default schema: `layers` (or the class's `default_layers`) plus the module's fields."""
     layers = cls.default_layers if layers is None else layers
     if layers is None:
-      raise ValueError(f"token_reduction method {cls.method_name()!r} needs `layers`, "
-                       "the block indices it runs at")
+      raise ConfigError(f"token_reduction method {cls.method_name()!r} needs `layers`, "
+                        "the block indices it runs at")
     return {int(i): dict(settings) for i in layers}
 
   @classmethod
@@ -169,8 +170,8 @@ class Reducer(nn.Module):
 
   def check_protected(self, state: TokenState, num_out: int):
     if num_out < state.num_prefix:
-      raise ValueError(f"{self.where}: {self.method_name()} would keep {num_out} tokens "
-                       f"but {state.num_prefix} are protected (class/register tokens)")
+      raise ConfigError(f"{self.where}: {self.method_name()} would keep {num_out} tokens "
+                        f"but {state.num_prefix} are protected (class/register tokens)")
 
 
 _REGISTRY: Dict[str, type] = {}
@@ -204,5 +205,5 @@ def registered_reducer(method: str) -> type:
   built-in ones first.
   """
   if method not in _REGISTRY:
-    raise ValueError(f"unknown token_reduction method {method!r}; known: {registered_methods()}")
+    raise ConfigError(f"unknown token_reduction method {method!r}; known: {registered_methods()}")
   return _REGISTRY[method]

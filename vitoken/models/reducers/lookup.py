@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError
 from vitoken.models import attention as attention_lib, layers as layers_lib
 from vitoken.models.reducers import base
 
@@ -53,7 +54,7 @@ def parse_grid(grid: Any, what: str = "grid") -> Tuple[int, int]:
     grid = (int(grid), int(grid))
   if (not isinstance(grid, (tuple, list)) or len(grid) != 2
       or not all(settings_lib.is_count(g) for g in grid)):
-    raise ValueError(f"lookup {what} must be a positive int or a pair (rows, cols), got {grid!r}")
+    raise ConfigError(f"lookup {what} must be a positive int or a pair (rows, cols), got {grid!r}")
   return (int(grid[0]), int(grid[1]))
 
 
@@ -61,12 +62,12 @@ def check_grid(compressed: Tuple[int, int], patches: Tuple[int, int], what: str 
   """A compressed grid must fit inside the patch grid and keep roughly its aspect ratio."""
   (m1, m2), (h, w) = compressed, patches
   if m1 > h or m2 > w:
-    raise ValueError(f"lookup {what} {m1}x{m2} is larger than the {h}x{w} patch grid; the "
-                     "compressed tokens resize the patch grid down")
+    raise ConfigError(f"lookup {what} {m1}x{m2} is larger than the {h}x{w} patch grid; the "
+                      "compressed tokens resize the patch grid down")
   ratio = (m1 / h) / (m2 / w)
   if not 0.5 <= ratio <= 2.0:
-    raise ValueError(f"lookup {what} {m1}x{m2} does not scale the {h}x{w} patch grid evenly "
-                     f"(row scale {m1}/{h}, column scale {m2}/{w}); keep its aspect ratio")
+    raise ConfigError(f"lookup {what} {m1}x{m2} does not scale the {h}x{w} patch grid evenly "
+                      f"(row scale {m1}/{h}, column scale {m2}/{w}); keep its aspect ratio")
 
 
 @functools.lru_cache(maxsize=64)
@@ -91,7 +92,7 @@ class BidirectionalCrossAttention(nn.Module):
 
   def setup(self):
     if self.width % self.num_heads:
-      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+      raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     kw = dict(kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
               param_dtype=self.param_dtype)
     heads = lambda: nn.DenseGeneral((self.num_heads, self.width // self.num_heads), **kw)
@@ -151,16 +152,16 @@ class LookupViT(base.Reducer):
     grid = parse_grid(grid)
     train = tuple(parse_grid(g, "train_grids entry") for g in (train_grids or ()))
     if not mlp_ratio > 0:
-      raise ValueError(f"lookup mlp_ratio must be positive, got {mlp_ratio!r}")
+      raise ConfigError(f"lookup mlp_ratio must be positive, got {mlp_ratio!r}")
     layers = list(range(depth)) if layers is None else sorted(int(i) for i in layers)
     if not layers:
-      raise ValueError("lookup layers is empty")
+      raise ConfigError("lookup layers is empty")
     if layers != list(range(layers[0], layers[-1] + 1)):
-      raise ValueError(f"lookup layers must be contiguous (the lookup tokens flow block to "
-                       f"block), got {layers}")
+      raise ConfigError(f"lookup layers must be contiguous (the lookup tokens flow block to "
+                        f"block), got {layers}")
     for i in (layers[0], layers[-1]):
       if not 0 <= i < depth:
-        raise ValueError(f"lookup layer {i} is outside the ViT's {depth} blocks (0..{depth - 1})")
+        raise ConfigError(f"lookup layer {i} is outside the ViT's {depth} blocks (0..{depth - 1})")
     return {i: dict(grid=grid, train_grids=train, mlp_ratio=float(mlp_ratio),
                     first=i == layers[0], last=i == layers[-1]) for i in layers}
 
@@ -186,12 +187,12 @@ class LookupViT(base.Reducer):
     p = state.num_prefix
     lookup = state.x[:, p:]
     if state.mask is not None or state.policy is not None:
-      raise ValueError(f"{self.where}: lookup cannot compress a masked or policy-weighted token "
-                       "state; place it before any pruning reducer")
+      raise ConfigError(f"{self.where}: lookup cannot compress a masked or policy-weighted token "
+                        "state; place it before any pruning reducer")
     h, w = state.grid.hw
     if lookup.shape[1] != h * w:
-      raise ValueError(f"{self.where}: lookup resizes the {h}x{w} patch grid, but "
-                       f"{lookup.shape[1]} patch tokens arrive (an earlier reducer changed them)")
+      raise ConfigError(f"{self.where}: lookup resizes the {h}x{w} patch grid, but "
+                        f"{lookup.shape[1]} patch tokens arrive (an earlier reducer changed them)")
     # Every configured grid is checked at init, not only at the first training step.
     check_grid(self.grid, (h, w))
     for g in self.train_grids:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitoken.errors import InputError
 from vitoken.models import masking as masking_lib
 from vitoken.models.reducers import base
 
@@ -60,7 +61,7 @@ class MaskToken(base.Reducer):
     p = state.num_prefix
     b, length, width = state.x.shape[0], state.num_tokens - p, state.x.shape[-1]
     if self.mask_key not in info.inputs:
-      raise ValueError(f"mask_token needs inputs[{self.mask_key!r}], a [batch, {length}] mask "
+      raise InputError(f"mask_token needs inputs[{self.mask_key!r}], a [batch, {length}] mask "
                        "of the patches to replace (1 = masked)")
     mask = info.inputs[self.mask_key]
     masking_lib.check_noise(mask, b, length, f"inputs[{self.mask_key!r}]")

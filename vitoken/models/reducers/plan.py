@@ -8,6 +8,7 @@ import re
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError
 from vitoken.models.reducers.contract import (
   BLOCK_STAGES,
   EMBED_LAYER,
@@ -109,7 +110,8 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
   elif isinstance(spec, (tuple, list)):
     specs = tuple(spec)
   else:
-    raise ValueError(f"token_reduction must be a dict, a list of dicts or None, got {type(spec).__name__}")
+    raise ConfigError("token_reduction must be a dict, a list of dicts or None, got "
+                      f"{type(spec).__name__}: {spec!r}")
 
   per_layer: List[List[PlannedReducer]] = [[] for _ in range(depth)]
   embed: List[PlannedReducer] = []
@@ -117,7 +119,7 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
   proportional_from = depth
   for entry in specs:
     if not isinstance(entry, Mapping) or "method" not in entry:
-      raise ValueError(f"each token_reduction entry needs a 'method' key, got {entry!r}")
+      raise ConfigError(f"each token_reduction entry needs a 'method' key, got {entry!r}")
     settings = dict(entry)
     method = settings.pop("method")
     if method is None or method == "none":
@@ -125,7 +127,7 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
     cls = registered_reducer(method)
     name = settings.pop("name", method)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-      raise ValueError(f"token_reduction entry name {name!r} must be an identifier")
+      raise ConfigError(f"token_reduction entry name {name!r} must be an identifier")
     _check_settings(cls, settings)
     entry_flags = cls.plan_flags(settings)
     for layer, kwargs in cls.layer_settings(depth, **settings).items():
@@ -135,29 +137,29 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
       planned = PlannedReducer(cls, name, tuple(sorted(kwargs.items())))
       if layer == EMBED_LAYER:
         if PRE_POSEMB not in cls.stages:
-          raise ValueError(f"token_reduction {method!r} has no {PRE_POSEMB!r} stage, so it "
-                           "cannot be placed at the embedding")
+          raise ConfigError(f"token_reduction {method!r} has no {PRE_POSEMB!r} stage, so it "
+                            "cannot be placed at the embedding")
         target = embed
       elif 0 <= layer < depth:
         if not set(cls.stages) & set(BLOCK_STAGES):
-          raise ValueError(f"token_reduction {method!r} acts only at {cls.stages}; it cannot be "
-                           f"placed in block {layer}")
+          raise ConfigError(f"token_reduction {method!r} acts only at {cls.stages}; it cannot be "
+                            f"placed in block {layer}")
         target = per_layer[layer]
       else:
-        raise ValueError(f"token_reduction {method!r} targets layer {layer}, but the ViT has "
-                         f"{depth} layers (0..{depth - 1})")
+        raise ConfigError(f"token_reduction {method!r} targets layer {layer}, but the ViT has "
+                          f"{depth} layers (0..{depth - 1})")
       if any(p.name == name for p in target):
         where = "the embedding" if layer == EMBED_LAYER else f"layer {layer}"
-        raise ValueError(f"two token_reduction entries named {name!r} act at {where}; give each "
-                         "a distinct `name` (it names the parameters and carried arrays)")
+        raise ConfigError(f"two token_reduction entries named {name!r} act at {where}; give each "
+                          "a distinct `name` (it names the parameters and carried arrays)")
       target.append(planned)
     for key, on in entry_flags.items():
       flags[key] = flags[key] | on if key == "rng_streams" else (flags[key] or on)
   for p in (p for layer in per_layer for p in layer):
     attends = set(p.cls.stages) & {POST_ATTN, POST_BLOCK}
     if p.cls.needs and not attends:
-      raise ValueError(f"token_reduction {p.cls.method_name()!r} needs {sorted(p.cls.needs)}, "
-                       f"which the attention computes, but it acts only at {p.cls.stages}")
+      raise ConfigError(f"token_reduction {p.cls.method_name()!r} needs {sorted(p.cls.needs)}, "
+                        f"which the attention computes, but it acts only at {p.cls.stages}")
   return ReductionPlan(depth=depth, per_layer=tuple(tuple(p) for p in per_layer),
                        embed=tuple(embed), proportional_from=proportional_from, **flags)
 

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitoken.errors import ConfigError
 from vitoken.models.reducers import base
 
 
@@ -39,14 +40,14 @@ def default_layers(depth: int) -> Tuple[int, ...]:
 
 def check_keep_rate(rate, method: str) -> float:
   if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
-    raise ValueError(f"{method}: keep_rate must be in (0, 1], got {rate!r}")
+    raise ConfigError(f"{method}: keep_rate must be in (0, 1], got {rate!r}")
   return float(rate)
 
 
 def _layers(depth: int, layers: Optional[Sequence[int]], method: str) -> Tuple[int, ...]:
   chosen = default_layers(depth) if layers is None else tuple(int(i) for i in layers)
   if len(set(chosen)) != len(chosen):
-    raise ValueError(f"{method}: layers {list(chosen)} repeat a block")
+    raise ConfigError(f"{method}: layers {list(chosen)} repeat a block")
   return chosen
 
 
@@ -96,20 +97,20 @@ class TopK(base.Reducer):
                      layers: Optional[Sequence[int]] = None, trace_source: bool = False):
     chosen = _layers(depth, layers, "topk")
     if (keep_rate is None) == (k is None):
-      raise ValueError("topk: give exactly one of keep_rate (a fraction of the tokens present) "
-                       "and k (a token count)")
+      raise ConfigError("topk: give exactly one of keep_rate (a fraction of the tokens present) "
+                        "and k (a token count)")
     if keep_rate is not None:
       return {i: {"keep_rate": check_keep_rate(keep_rate, "topk")} for i in chosen}
     counts = list(k) if isinstance(k, (list, tuple)) else [k] * len(chosen)
     if len(counts) != len(chosen):
-      raise ValueError(f"topk: {len(counts)} counts k for {len(chosen)} layers {list(chosen)}")
+      raise ConfigError(f"topk: {len(counts)} counts k for {len(chosen)} layers {list(chosen)}")
     if any(isinstance(c, bool) or int(c) != c or c < 1 for c in counts):
-      raise ValueError(f"topk: k must be positive integers, got {k!r}")
+      raise ConfigError(f"topk: k must be positive integers, got {k!r}")
     return {i: {"k": int(c)} for i, c in zip(chosen, counts)}
 
   def check_class_token(self):
     if self.context is not None and self.context.class_token is False:
-      raise ValueError(
+      raise ConfigError(
           f"{self.where}: {self.method_name()} ranks tokens by the class token's attention, but "
           "this ViT has no class token; use dynamicvit (a learned score) or tome (merging), "
           "or give the ViT a class token (class_token=True)")
@@ -121,8 +122,8 @@ class TopK(base.Reducer):
     if self.k is None:
       return math.ceil(self.rate(train, phase) * n)  # the reference's ceil(keep_rate * (N - 1))
     if self.k > n:
-      raise ValueError(f"{self.where}: {self.method_name()} k={self.k} but only {n} image "
-                       "tokens reach this layer")
+      raise ConfigError(f"{self.where}: {self.method_name()} k={self.k} but only {n} image "
+                        "tokens reach this layer")
     return self.k
 
   def __call__(self, state, info, *, train=False):
@@ -161,10 +162,10 @@ class EViT(TopK):
     if shrink is not None:
       start, end = (float(v) for v in shrink)
       if not 0.0 <= start < end <= 1.0:
-        raise ValueError(f"evit: shrink must be (start, end) fractions of training with "
-                         f"0 <= start < end <= 1, got {tuple(shrink)}")
+        raise ConfigError(f"evit: shrink must be (start, end) fractions of training with "
+                          f"0 <= start < end <= 1, got {tuple(shrink)}")
       if isinstance(shrink_levels, bool) or int(shrink_levels) != shrink_levels or shrink_levels < 1:
-        raise ValueError(f"evit: shrink_levels must be a positive integer, got {shrink_levels!r}")
+        raise ConfigError(f"evit: shrink_levels must be a positive integer, got {shrink_levels!r}")
       settings.update(shrink=(start, end), shrink_levels=int(shrink_levels))
     return {i: dict(settings) for i in _layers(depth, layers, "evit")}
 
@@ -237,7 +238,7 @@ class DynamicViT(base.Reducer):
     rate = check_keep_rate(keep_rate, "dynamicvit")
     chosen = sorted(_layers(depth, layers, "dynamicvit"))  # ρ, ρ², ... in block order
     if ratio_weight < 0:
-      raise ValueError(f"dynamicvit: ratio_weight must be >= 0, got {ratio_weight}")
+      raise ConfigError(f"dynamicvit: ratio_weight must be >= 0, got {ratio_weight}")
     # Hierarchical targets ρ, ρ², ρ³, ...; the ratio loss is averaged over the stages.
     return {layer: {"keep": rate ** (i + 1), "ratio_weight": float(ratio_weight) / len(chosen)}
             for i, layer in enumerate(chosen)}
@@ -259,10 +260,10 @@ class DynamicViT(base.Reducer):
     initial = state.grid.num_patches
     k = int(initial * self.keep)  # the reference's int(init_n * token_ratio[i])
     if k > n:
-      raise ValueError(f"{self.where}: dynamicvit keeps int({initial} x {self.keep:.4g}) = {k} "
-                       f"tokens but only {n} reach this layer; an earlier reducer removed more")
+      raise ConfigError(f"{self.where}: dynamicvit keeps int({initial} x {self.keep:.4g}) = {k} "
+                        f"tokens but only {n} reach this layer; an earlier reducer removed more")
     if k < 1:
-      raise ValueError(f"{self.where}: dynamicvit would keep no token (int({initial} x "
-                       f"{self.keep:.4g}) = 0); raise keep_rate or use fewer stages")
+      raise ConfigError(f"{self.where}: dynamicvit would keep no token (int({initial} x "
+                        f"{self.keep:.4g}) = 0); raise keep_rate or use fewer stages")
     state = prune(state, select_by_score(log_probs[..., 0], k))
     return state, {"ids": state.ids}

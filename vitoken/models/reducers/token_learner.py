@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError, InputError
 from vitoken.models.reducers import base
 
 LN_EPS = 1e-6  # flax's default, which scenic uses for every LayerNorm here
@@ -88,7 +89,8 @@ class TokenLearnerV11(nn.Module):
     if x.ndim == 4:
       x = x.reshape(x.shape[0], -1, x.shape[-1])
     if x.ndim != 3:
-      raise ValueError(f"TokenLearnerV11 takes [batch, tokens, channels], got shape {tuple(x.shape)}")
+      raise InputError("TokenLearnerV11 takes [batch, tokens, channels], got shape "
+                       f"{tuple(x.shape)}")
     logits = BottleneckMlp(self.bottleneck_dim, self.num_tokens, self.dropout_rate, self.dtype,
                            self.param_dtype, name="token_masking")(
                                _layer_norm(self, "LayerNorm_0")(x), deterministic=deterministic)
@@ -112,13 +114,13 @@ class TokenLearnerV1(nn.Module):
       b, hw, c = x.shape
       h = math.isqrt(hw)
       if h * h != hw:
-        raise ValueError(f"TokenLearner v1 needs a square patch grid, got {hw} tokens; use "
-                         "version 'v1.1' for other grids")
+        raise ConfigError(f"TokenLearner v1 needs a square patch grid, got {hw} tokens; use "
+                          "version 'v1.1' for other grids")
       grid = x.reshape(b, h, h, c)
     elif x.ndim == 4:
       grid = x
     else:
-      raise ValueError(f"TokenLearnerV1 takes [batch, h*w, channels] or [batch, h, w, channels], "
+      raise InputError(f"TokenLearnerV1 takes [batch, h*w, channels] or [batch, h, w, channels], "
                        f"got shape {tuple(x.shape)}")
     b, h, w, c = grid.shape
     maps = _layer_norm(self, "LayerNorm_0")(grid)
@@ -146,7 +148,7 @@ class TokenFuser(nn.Module):
   def __call__(self, tokens, original, deterministic: Optional[bool] = None):
     deterministic = _deterministic(self, deterministic)
     if tokens.ndim != 3:
-      raise ValueError(f"TokenFuser takes tokens [batch, S, channels], got {tuple(tokens.shape)}")
+      raise InputError(f"TokenFuser takes tokens [batch, S, channels], got {tuple(tokens.shape)}")
     grid_shape = original.shape if original.ndim == 4 else None
     if original.ndim == 4:
       original = original.reshape(original.shape[0], -1, original.shape[-1])
@@ -189,22 +191,23 @@ class TokenLearner(base.Reducer):
                      fuser_normalization: bool = True):
     """`loc`: the block the learner runs before (learner mode) or the first fused block."""
     if loc is None:
-      raise ValueError("token_learner needs `loc`, the block before which the learner runs "
-                       f"(0..{depth - 1}; scenic's ImageNet setting uses 2/3 of the depth, 9 of 12)")
+      raise ConfigError("token_learner needs `loc`, the block before which the learner runs "
+                        f"(0..{depth - 1}; scenic's ImageNet setting uses 2/3 of the depth, 9 of "
+                        "12)")
     if not settings_lib.is_count(loc, 0) or loc >= depth:
-      raise ValueError(f"token_learner loc={loc!r} is outside the ViT's {depth} blocks "
-                       f"(0..{depth - 1})")
+      raise ConfigError(f"token_learner loc={loc!r} is outside the ViT's {depth} blocks "
+                        f"(0..{depth - 1})")
     if not settings_lib.is_count(num_tokens):
-      raise ValueError(f"token_learner num_tokens must be a positive integer, got {num_tokens!r}")
+      raise ConfigError(f"token_learner num_tokens must be a positive integer, got {num_tokens!r}")
     if version not in VERSIONS:
-      raise ValueError(f"token_learner version must be one of {VERSIONS}, got {version!r}")
+      raise ConfigError(f"token_learner version must be one of {VERSIONS}, got {version!r}")
     if mode not in MODES:
-      raise ValueError(f"token_learner mode must be one of {MODES}, got {mode!r}")
+      raise ConfigError(f"token_learner mode must be one of {MODES}, got {mode!r}")
     if not settings_lib.is_count(bottleneck_dim):
-      raise ValueError(f"token_learner bottleneck_dim must be a positive integer, got "
-                       f"{bottleneck_dim!r}")
+      raise ConfigError(f"token_learner bottleneck_dim must be a positive integer, got "
+                        f"{bottleneck_dim!r}")
     if not 0.0 <= dropout_rate < 1.0:
-      raise ValueError(f"token_learner dropout_rate must be in [0, 1), got {dropout_rate!r}")
+      raise ConfigError(f"token_learner dropout_rate must be in [0, 1), got {dropout_rate!r}")
     kwargs = dict(num_tokens=int(num_tokens), version=version, mode=mode,
                   bottleneck_dim=int(bottleneck_dim), dropout_rate=float(dropout_rate),
                   use_sum_pooling=bool(use_sum_pooling),
@@ -236,21 +239,21 @@ class TokenLearner(base.Reducer):
     patches = state.x[:, p:]
     n = patches.shape[1]
     if self.num_tokens > n:
-      raise ValueError(f"{self.where}: token_learner num_tokens={self.num_tokens} is more than "
-                       f"the {n} patch tokens it would pool")
+      raise ConfigError(f"{self.where}: token_learner num_tokens={self.num_tokens} is more than "
+                        f"the {n} patch tokens it would pool")
     if state.mask is not None or state.policy is not None:
-      raise ValueError(f"{self.where}: token_learner cannot pool a masked or policy-weighted "
-                       "token state (learned tokens have no single keep decision); place it "
-                       "before the pruning reducer")
+      raise ConfigError(f"{self.where}: token_learner cannot pool a masked or policy-weighted "
+                        "token state (learned tokens have no single keep decision); place it "
+                        "before the pruning reducer")
     if self.version == "v1":
       h, w = state.grid.hw
       if h != w:
-        raise ValueError(f"{self.where}: token_learner version 'v1' needs a square patch grid, "
-                         f"got {h}x{w}; use version 'v1.1'")
+        raise ConfigError(f"{self.where}: token_learner version 'v1' needs a square patch grid, "
+                          f"got {h}x{w}; use version 'v1.1'")
       if n != h * w:
-        raise ValueError(f"{self.where}: token_learner version 'v1' convolves over the {h}x{w} "
-                         f"patch grid, but {n} patch tokens arrive (an earlier reducer changed "
-                         "them); use version 'v1.1'")
+        raise ConfigError(f"{self.where}: token_learner version 'v1' convolves over the {h}x{w} "
+                          f"patch grid, but {n} patch tokens arrive (an earlier reducer changed "
+                          "them); use version 'v1.1'")
     tokens, weights = self._learner()(patches, deterministic=not train, return_weights=True)
     # Attribution of each learned token over its inputs, normalised: a learned token counts as
     # one token where the ViT weighs tokens by size.

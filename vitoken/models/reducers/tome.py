@@ -26,6 +26,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from vitoken.errors import ConfigError
 from vitoken.models.reducers import base
 
 MATCHINGS = ("bipartite", "kth", "random")
@@ -39,17 +40,17 @@ def parse_r(depth: int, r: Union[int, Sequence[int]], inflection: Optional[float
   """
   if isinstance(r, (list, tuple)):
     if inflection is not None:
-      raise ValueError("tome: give either a per-layer r list or r with an inflection, not both")
+      raise ConfigError("tome: give either a per-layer r list or r with an inflection, not both")
     if len(r) > depth:
-      raise ValueError(f"tome: the r schedule has {len(r)} entries but the ViT has {depth} layers")
+      raise ConfigError(f"tome: the r schedule has {len(r)} entries but the ViT has {depth} layers")
     if any(int(v) != v or v < 0 for v in r):
-      raise ValueError(f"tome: per-layer r must be non-negative integers, got {list(r)}")
+      raise ConfigError(f"tome: per-layer r must be non-negative integers, got {list(r)}")
     return [int(v) for v in r] + [0] * (depth - len(r))
   if int(r) != r or r < 0:
-    raise ValueError(f"tome: r must be a non-negative integer, got {r!r}")
+    raise ConfigError(f"tome: r must be a non-negative integer, got {r!r}")
   inflect = 0.0 if inflection is None else float(inflection)
   if not -1.0 <= inflect <= 1.0:
-    raise ValueError(f"tome: inflection must be in [-1, 1], got {inflection}")
+    raise ConfigError(f"tome: inflection must be in [-1, 1], got {inflection}")
   min_val = int(r * (1.0 - inflect))
   max_val = 2 * r - min_val
   step = (max_val - min_val) / (depth - 1) if depth > 1 else 0.0
@@ -149,7 +150,7 @@ def merge(m: Matching, x, mode: str = "sum", impl: str = "scatter"):
   "sum" reaches its destinations: a scatter-add, or a one-hot [r, T_b] matmul (the same sums;
   which is faster depends on the device)."""
   if impl not in MERGE_IMPLS:
-    raise ValueError(f"tome merge impl must be one of {MERGE_IMPLS}, got {impl!r}")
+    raise ConfigError(f"tome merge impl must be one of {MERGE_IMPLS}, got {impl!r}")
   a, bb = base.take_tokens(x, m.a_idx), base.take_tokens(x, m.b_idx)
   unm, src = base.take_tokens(a, m.unm_idx), base.take_tokens(a, m.src_idx)
   if mode == "sum" and impl == "onehot":
@@ -171,14 +172,14 @@ def merge_state(m: Matching, state: base.TokenState, impl: str = "scatter") -> b
   """Size-weighted average of tokens, summed sizes, max-merged sources, kept ids; per-token
   carried arrays merge by their own mode ("mean" is size-weighted like the tokens)."""
   if state.policy is not None:
-    raise ValueError(
+    raise ConfigError(
         "tome: the token state carries a keep policy (DynamicViT in training keeps every token "
         "and weights attention by its keep decisions), which merging cannot follow. Merge "
         "before DynamicViT, or prune with evit or topk, which gather in training too "
         "(DynamicViT gathers at inference, where ToMe may follow it)")
   if state.mask is not None:
-    raise ValueError("tome: the token state has a mask (tokens dropped or padded per example), "
-                     "which merging cannot follow; merging needs tokens gathered away first")
+    raise ConfigError("tome: the token state has a mask (tokens dropped or padded per example), "
+                      "which merging cannot follow; merging needs tokens gathered away first")
   size = state.size[..., None]
   new_size = merge(m, size, "sum", impl)
 
@@ -221,16 +222,16 @@ class ToMe(base.Reducer):
                      prop_attn: bool = True, trace_source: bool = False,
                      layers: Optional[Sequence[int]] = None, merge_impl: str = "scatter"):
     if matching not in MATCHINGS:
-      raise ValueError(f"tome: matching must be one of {MATCHINGS}, got {matching!r}")
+      raise ConfigError(f"tome: matching must be one of {MATCHINGS}, got {matching!r}")
     if merge_impl not in MERGE_IMPLS:
-      raise ValueError(f"tome: merge_impl must be one of {MERGE_IMPLS}, got {merge_impl!r}")
+      raise ConfigError(f"tome: merge_impl must be one of {MERGE_IMPLS}, got {merge_impl!r}")
     if matching == "kth":
       if int(k) != k or k < 2:
-        raise ValueError(f"tome: kth matching needs an integer k >= 2, got {k!r}")
+        raise ConfigError(f"tome: kth matching needs an integer k >= 2, got {k!r}")
       chosen = range(depth) if layers is None else layers
       return {int(i): {"matching": "kth", "k": int(k), "merge_impl": merge_impl} for i in chosen}
     if layers is not None:
-      raise ValueError("tome: `layers` is for kth matching; give r per layer as a list instead")
+      raise ConfigError("tome: `layers` is for kth matching; give r per layer as a list instead")
     schedule = parse_r(depth, r, inflection)
     excess = ("error" if isinstance(r, (list, tuple))
               else "cap" if inflection is not None else "error_beyond_full")
@@ -251,7 +252,7 @@ class ToMe(base.Reducer):
     cap = (t - p) // 2
     full = state.grid.num_patches // 2
     if self.r > cap and (self.excess == "error" or (self.excess == "error_beyond_full" and self.r > full)):
-      raise ValueError(
+      raise ConfigError(
           f"{self.where}: tome r={self.r} but {t} tokens reach this layer ({p} protected), "
           f"so at most {cap} can merge")
     r = min(self.r, cap)

@@ -12,13 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitoken.errors import ConfigError
 from vitoken.models.masking import patchify
 from vitoken.settings import pair
 
 
 def check_codebook_size(size, what: str = "codebook_size") -> int:
   if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2:
-    raise ValueError(f"{what} must be an int >= 2 (one code cannot tell patches apart), got {size!r}")
+    raise ConfigError(f"{what} must be an int >= 2 (one code cannot tell patches apart), "
+                      f"got {size!r}")
   return int(size)
 
 
@@ -26,8 +28,8 @@ def check_patch(tokenizer_patch: Sequence[int], model_patch: Sequence[int], wher
   """A tokenizer gives one code per patch of its own size: the model's patches must match."""
   tp, mp = tuple(pair(tokenizer_patch)), tuple(pair(model_patch))
   if tp != mp:
-    raise ValueError(f"the tokenizer at {where} codes {tp[0]}x{tp[1]} patches but the model's "
-                     f"patches are {mp[0]}x{mp[1]}: train a tokenizer with the model's patch size")
+    raise ConfigError(f"the tokenizer at {where} codes {tp[0]}x{tp[1]} patches but the model's "
+                      f"patches are {mp[0]}x{mp[1]}: train a tokenizer with the model's patch size")
 
 
 def normalized_patches(images, patch, eps: float):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitoken import settings as settings_lib
+from vitoken.errors import ConfigError
 from vitoken.models import posemb as posemb_lib, variants, vit
 from vitoken.models.masking import patchify
 from vitoken.models.patches import PatchGrid
@@ -35,10 +36,10 @@ def check_levels(levels) -> tuple:
   levels = tuple(settings_lib.plain(levels)) if isinstance(levels, (list, tuple)) else levels
   if (not isinstance(levels, tuple) or not levels
       or any(isinstance(l, bool) or not isinstance(l, (int, np.integer)) or l < 2 for l in levels)):
-    raise ValueError(f"FSQ levels must be a non-empty list of ints >= 2, got {levels!r}")
+    raise ConfigError(f"FSQ levels must be a non-empty list of ints >= 2, got {levels!r}")
   size = common.check_codebook_size(int(np.prod(levels)), f"the FSQ codebook (product of levels {levels})")
   if size >= 2 ** 31:
-    raise ValueError(f"FSQ levels {levels} make {size} codes, more than int32 codes can hold")
+    raise ConfigError(f"FSQ levels {levels} make {size} codes, more than int32 codes can hold")
   return tuple(int(l) for l in levels)
 
 
@@ -104,7 +105,7 @@ class FSQAutoencoder(nn.Module):
   def setup(self):
     levels = check_levels(self.levels)
     if not settings_lib.is_count(self.decoder_depth):
-      raise ValueError(f"decoder_depth must be a positive int, got {self.decoder_depth!r}")
+      raise ConfigError(f"decoder_depth must be a positive int, got {self.decoder_depth!r}")
     enc = self.encoder_model()
     self.vit = self.encoder_model(name="encoder")
     dense = lambda n, name: nn.Dense(n, dtype=enc.dtype, param_dtype=enc.param_dtype, name=name)

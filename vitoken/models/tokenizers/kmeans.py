@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitoken.errors import ConfigError
 from vitoken.models.patches import PatchGrid
 from vitoken.models.tokenizers import common
 
@@ -79,7 +80,7 @@ class KMeansTokenizer:
     common.check_codebook_size(self.codebook_size)
     if (not isinstance(self.eps, (int, float, np.floating)) or isinstance(self.eps, bool)
         or not np.isfinite(self.eps) or self.eps <= 0):
-      raise ValueError(f"eps must be a positive number, got {self.eps!r}")
+      raise ConfigError(f"eps must be a positive number, got {self.eps!r}")
 
   def patches(self, images):
     return common.normalized_patches(images, self.patch_size, self.eps)
@@ -99,8 +100,8 @@ class KMeansTokenizer:
     """Params for fitting: k-means++ centroids from the patches of `images`."""
     points = self.patches(images).reshape(-1, self.patch_dim(images.shape[-1]))
     if points.shape[0] < self.codebook_size:
-      raise ValueError(f"k-means++ needs at least codebook_size={self.codebook_size} patches to "
-                       f"start from; the first batch has {points.shape[0]}: raise batch_size")
+      raise ConfigError(f"k-means++ needs at least codebook_size={self.codebook_size} patches to "
+                        f"start from; the first batch has {points.shape[0]}: raise batch_size")
     return {"centroids": kmeans_plus_plus(key, points, self.codebook_size),
             "counts": jnp.zeros((self.codebook_size,), jnp.float32)}
 

@@ -1,0 +1,181 @@
+"""Every preset's smoke mode runs, and a dataset TFDS cannot build says why first.
+
+Each config file lists its smoke runs in `SMOKE` (argument strings built from its own methods,
+stages and presets, so a new one is picked up); a `<file:arg>` inside an argument stands for the
+workdir of that file's smoke run with that argument (a pretraining run to fine-tune, a teacher, a
+tokenizer), trained first in the same test process when it is not yet.
+"""
+import glob
+import importlib.util
+import os
+import re
+import time
+
+import pytest
+import tensorflow_datasets as tfds
+
+from vitoken import bench, errors
+from vitoken.data import pipeline
+from vitoken.train import trainer
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_MODULES = {}
+
+
+def _config_module(name):
+  if name not in _MODULES:
+    spec = importlib.util.spec_from_file_location(f"configs_{name[:-3]}",
+                                                  os.path.join(CONFIGS, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _MODULES[name] = module
+  return _MODULES[name]
+
+
+def _smoke_runs():
+  runs = []
+  for path in sorted(glob.glob(os.path.join(CONFIGS, "*.py"))):
+    name = os.path.basename(path)
+    # A config file without SMOKE still gets a case, which fails naming it.
+    for arg in getattr(_config_module(name), "SMOKE", ("<no SMOKE list>",)):
+      runs.append(pytest.param(name, arg, id=f"{name[:-3]}:{arg}"))
+  return runs
+
+
+_DEPENDENCY = re.compile(r"<([^<>:]+\.py):([^<>]*)>")
+
+
+def _config(name, arg, workdir_of):
+  """The file's config for `arg`, each `<file:arg>` replaced by `workdir_of(file, arg)`."""
+  config = _config_module(name).get_config(
+      _DEPENDENCY.sub(lambda m: workdir_of(m.group(1), m.group(2)), arg))
+  if "total_steps" in config:
+    config.progress_bar = False
+  return config
+
+
+def _check_small(config, where):
+  """A smoke config a CPU trains in seconds, its schedule consistent with its length."""
+  assert config.total_steps <= 20 and config.batch_size <= 32, where
+  assert config.schedule.warmup_steps < config.total_steps, where
+  assert config.eval_every_steps <= config.total_steps, where
+  assert config.data.image_size <= 64 and config.data.name == "cluttered_digits", where
+  model = config.model.to_dict()
+  assert model.get("width", 0) <= 64 and model.get("depth", 0) <= 8, where
+
+
+class _Runs:
+  """Smoke runs trained in this process, by (file, arg): their workdirs and summaries."""
+
+  def __init__(self, tmp_path_factory):
+    self.factory, self.done = tmp_path_factory, {}
+
+  def workdir(self, name, arg):
+    return self.train(name, arg)[0]
+
+  def train(self, name, arg):
+    if (name, arg) not in self.done:
+      assert arg in getattr(_config_module(name), "SMOKE", ()), (
+          f"a dependency names {name}:{arg}, which is not among that file's SMOKE runs")
+      config = _config(name, arg, self.workdir)
+      _check_small(config, f"{name}:{arg}")
+      workdir = str(self.factory.mktemp(re.sub(r"\W+", "_", f"{name[:-3]}_{arg}")[:60]))
+      self.done[(name, arg)] = workdir, trainer.run(config, workdir)
+    return self.done[(name, arg)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return _Runs(tmp_path_factory)
+
+
+def _bench(config):
+  with config.unlocked():
+    config.torch.enabled = False  # timm's side has its own tests (test_bench.py)
+  rows, _ = bench.run(config)
+  assert {(r["variant"], r["mode"]) for r in rows} == {
+      (v, m) for v in config.variants for m in config.modes}
+  for row in rows:
+    assert row["status"] == "ok" and row["img/s"] > 0, row
+
+
+def test_every_smoke_config_is_small_and_reads_no_imagenet():
+  """What the training test below checks before it trains, for the fast tier: built alone."""
+  for param in _smoke_runs():
+    name, arg = param.values
+    assert "SMOKE" in vars(_config_module(name)), f"configs/{name} has no SMOKE list"
+    config = _config(name, arg, lambda *_: "/a/workdir")
+    if "backbones" in config:
+      assert max(config.batch_sizes) <= 8 and config.image_size <= 64, (name, arg)
+    else:
+      _check_small(config, f"{name}:{arg}")
+
+
+@pytest.mark.parametrize("name,arg", _smoke_runs())
+def test_every_preset_smoke_mode_trains_and_evaluates(name, arg, runs):
+  assert "SMOKE" in vars(_config_module(name)), (
+      f"configs/{name} has no SMOKE list of its presets' smoke runs (see this test's docstring)")
+  t0 = time.time()
+  config = _config(name, arg, lambda *_: "unused")
+  if "backbones" in config:  # configs/bench.py: run the way `python -m vitoken.bench` runs it
+    _bench(config)
+  else:
+    _, summary = runs.train(name, arg)
+    assert summary["final_step"] == summary["steps_run"] > 0
+    evaluated = [k for k in summary if k.startswith("eval") and summary[k]]
+    assert evaluated, f"{name}:{arg} did not evaluate: {sorted(summary)}"
+  print(f"{name}:{arg} {time.time() - t0:.1f}s (its dependencies included)")
+
+
+# ----------------------------------------------------------------------------- ImageNet via TFDS
+
+
+def _manual_files(data_dir):
+  manual = data_dir / "downloads" / "manual"
+  manual.mkdir(parents=True)
+  for file in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+    (manual / file).write_bytes(b"")
+  return manual
+
+
+def test_imagenet_build_without_tensorflow_says_so_first(tmp_path, monkeypatch):
+  _manual_files(tmp_path)
+
+  def build_without_tensorflow(self, **kwargs):
+    # What TFDS's imagenet2012 build raises where TensorFlow is not installed: its lazy
+    # `tensorflow` import (tensorflow_datasets/core/utils/lazy_imports_utils.py) fails at the
+    # builder's first `tf.io.gfile` call.
+    raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", build_without_tensorflow)
+  with pytest.raises(errors.DataError) as raised:
+    pipeline.dataset_info({"name": "imagenet2012", "data_dir": str(tmp_path),
+                           "eval_split": "validation"})
+  message = str(raised.value)
+  print(message)
+  assert message.startswith("TensorFlow is not installed, and TFDS needs it to build dataset "
+                            f"'imagenet2012' into data_dir {tmp_path} (ModuleNotFoundError: "
+                            "No module named 'tensorflow')")
+  for hint in ("pip install tensorflow", "tfds build imagenet2012", "data.folder", "README"):
+    assert hint in message
+  assert "manual download" not in message  # the files are in place
+
+
+def test_any_other_build_failure_comes_before_the_hint(tmp_path, monkeypatch):
+  _manual_files(tmp_path)
+
+  def broken(self, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", broken)
+  with pytest.raises(errors.DataError, match=r"^OSError: disk full \(building dataset "
+                                             rf"'imagenet2012' into data_dir {tmp_path}\)\. "):
+    pipeline.dataset_info({"name": "imagenet2012", "data_dir": str(tmp_path)})
+
+
+def test_imagenet_without_its_manual_files_names_them(tmp_path):
+  with pytest.raises(errors.MissingPathError,
+                     match=rf"(?s)'imagenet2012' is not in data_dir {tmp_path} and needs a manual "
+                           rf"download: put its files in {tmp_path}/downloads/manual.*"
+                           "ILSVRC2012_img_train.tar and.*ILSVRC2012_img_val.tar"):
+    pipeline.dataset_info({"name": "imagenet2012", "data_dir": str(tmp_path)})

@@ -96,9 +96,7 @@ def test_checksums_change_with_any_flipped_bit_or_moved_value():
 def flip_bytes(step_dir, count=64):
   """Inverts `count` bytes in the middle of the step's largest array data file (they decode,
   to wrong values)."""
-  files = [os.path.join(r, n) for r, _, ns in os.walk(os.path.join(step_dir, "state")) for n in ns
-           if os.sep + "d" + os.sep in os.path.join(r, n)]
-  target = max(files, key=os.path.getsize)
+  target = largest_data_file(step_dir)
   data = bytearray(open(target, "rb").read())
   middle = len(data) // 2
   data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
@@ -121,15 +119,32 @@ def test_flipped_bytes_in_params_fail_their_checksum(tmp_path):
     ckpt_lib.load_params(str(tmp_path))
 
 
-def test_flipped_bytes_are_never_resumed_from(tmp_path, caplog):
+def largest_data_file(step_dir):
+  files = [os.path.join(r, n) for r, _, ns in os.walk(os.path.join(step_dir, "state"))
+           for n in ns if os.sep + "d" + os.sep in os.path.join(r, n)]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage,cause", [
+    ("truncate", r"a data file is truncated \(array \S+ in \S+/8/state/?\)"),
+    ("flip", r"checksum mismatch in \S+/8/state: \S+ restored with values other than those "
+             r"saved \(a damaged data file\)"),
+])
+def test_damaged_checkpoints_are_set_aside_in_one_line(tmp_path, caplog, damage, cause):
   workdir = tmp_path / "run"
   trainer.run(small_config(total_steps=8), str(workdir))
-  flip_bytes(workdir / "checkpoints" / "8")
+  if damage == "truncate":
+    target = largest_data_file(workdir / "checkpoints" / "8")
+    os.truncate(target, os.path.getsize(target) // 2)
+  else:
+    flip_bytes(workdir / "checkpoints" / "8")
+  caplog.clear()
   summary = trainer.run(small_config(total_steps=8), str(workdir))
   assert summary["start_step"] == 4 and summary["steps_run"] == 4
   warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
-  assert len(warnings) == 1 and "\n" not in warnings[0], warnings
-  assert re.search(r"step 8 is unreadable \(checksum mismatch in \S+/8/state: ", warnings[0])
+  assert len(warnings) == 1 and "\n" not in warnings[0] and len(warnings[0]) < 400, warnings
+  assert re.search(rf"step 8 is unreadable \({cause}\); moved to \S+/unreadable/8,", warnings[0]), \
+      warnings[0]
   assert os.path.isdir(workdir / "checkpoints" / "unreadable" / "8")
 
 

@@ -232,3 +232,20 @@ def test_grad_accumulation_averages_the_micro_batch_gradients(tmp_path):
                                err_msg=jax.tree_util.keystr(path))
   assert len(grad_norms[1]) == 2  # logged every step
   np.testing.assert_allclose(grad_norms[2], grad_norms[1], rtol=1e-4)
+
+
+def test_logged_lr_is_the_rate_at_the_logged_step_and_images_per_s_is_logged(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  c = smoke_config(log_every_steps=4)
+  summary = trainer.run(c, str(tmp_path))
+  schedule = trainer.Trainer(c, str(tmp_path / "other")).schedule
+  train = [r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if r["split"] == "train"]
+  assert [r["step"] for r in train] == [4, 6, 8, 12]
+  # The step's own rate (the update that produced step s used schedule(s - 1)), not the
+  # window's mean, which differs while the rate moves every step.
+  np.testing.assert_allclose([r["lr"] for r in train], [schedule(r["step"] - 1) for r in train],
+                             rtol=1e-5)
+  assert all(r["images_per_s"] > 0 for r in train) and summary["images_per_s"] > 0
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard" / "train"))
+  events.Reload()
+  assert [e.step for e in events.Scalars("images_per_s")] == [4, 6, 8, 12]

@@ -357,3 +357,23 @@ def test_notebooks_get_the_live_tqdm_auto_bar(tmp_path, monkeypatch):
   assert len(made) == 1 and made[0]["mininterval"] <= 1.0 and "file" not in made[0]
   monkeypatch.undo()
   assert not metrics_lib.in_notebook()  # plain python (pytest) uses the terminal/log bar
+
+
+def test_throughput_leaves_paused_time_out_of_windows_and_the_run():
+  from vitoken.engine.metrics import Throughput
+  now = [0.0]
+  meter = Throughput(batch_size=10, clock=lambda: now[0])
+  with meter.paused():  # compiling the first step
+    now[0] += 5.0
+  meter.count()
+  now[0] += 1.0
+  meter.count()
+  now[0] += 1.0
+  assert meter.read() == pytest.approx(2 * 10 / 2.0)  # 2 steps in 2 s, the 5 s left out
+  meter.count()
+  now[0] += 0.5
+  with meter.paused():  # evaluation
+    now[0] += 30.0
+  assert meter.read() == pytest.approx(10 / 0.5)
+  assert meter.overall == pytest.approx(3 * 10 / 2.5)
+  assert meter.read() is None  # no step in the window

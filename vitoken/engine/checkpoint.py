@@ -275,23 +275,27 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def describe_unreadable(error: BaseException) -> str:
-  """A one-line cause for a checkpoint that cannot be read: the damaged file where TensorStore
-  names it, and whether it is cut short."""
+  """A one-line cause for a checkpoint that cannot be read: what is wrong with which array of
+  which file, without TensorStore's spec dump."""
   for e in _chain(error):
     if isinstance(e, CheckpointCorrupt):
       return str(e)
   text = "\n".join(str(e) for e in _chain(error))
-  files = re.findall(r'(?:file|Failed reading|reading) "([^"]+)"', text)
-  where = f" in {files[-1]}" if files else ""
+  array = re.search(r'Error reading "([^"/]+)', text)
+  files = re.findall(r'(?:local file|Failed reading|reading) "([^"]+)"', text)
+  where = " (" + " in ".join(
+      ([f"array {array.group(1)}"] if array else []) + ([files[-1]] if files else [])) + ")"
+  where = "" if where == " ()" else where
   lowered = text.lower()
-  if any(w in lowered for w in ("truncat", "unexpected end", "out of range", "eof",
-                                 "too short", "size is less")):
+  if any(w in lowered for w in ("truncat", "unexpected end", "out_of_range", "out of range",
+                                 "byte range", "too short", "end of file")):
     return f"a data file is truncated{where}"
   if "checksum" in lowered or "crc" in lowered:
     return f"a data file fails its checksum{where}"
-  if "decod" in lowered or "corrupt" in lowered or "invalid" in lowered:
-    return f"a data file cannot be decoded{where}"
+  if any(w in lowered for w in ("decod", "corrupt", "data_loss", "invalid", "json")):
+    return f"a file cannot be decoded{where}"
   return _first_line(error) + where
+
 
 _OK, _CORRUPT, _FATAL = 0, 1, 2
 

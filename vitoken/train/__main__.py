@@ -22,7 +22,7 @@ def main(argv):
   headline = summary["headline"]
   print("summary:", {f"{k}/{headline}": round(v[headline], 4) for k, v in evals.items()},
         f"train loss {summary['train'].get('loss', float('nan')):.4f},",
-        f"{summary['wall_time_s']:.0f}s, {summary['images_per_s']:.0f} img/s")
+        f"{summary['wall_time_s']:.0f}s, {summary['images_per_s'] or 0:.0f} img/s")
 
 
 if __name__ == "__main__":

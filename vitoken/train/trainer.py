@@ -36,8 +36,8 @@ from vitoken.train import config as config_lib
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite."""
+class TrainingDiverged(errors.UserError, RuntimeError):
+  """The loss became NaN or infinite (a setting to change, usually the learning rate)."""
 
 
 def check_workdir(workdir: str) -> str:
@@ -130,13 +130,13 @@ class Trainer:
     batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     micro = c.batch_size // max(c.grad_accum_steps, 1)
     if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
-      raise ValueError(f"batch_size {c.batch_size} is not divisible by grad_accum_steps "
+      raise errors.ConfigError(f"batch_size {c.batch_size} is not divisible by grad_accum_steps "
                        f"{c.grad_accum_steps}")
     if micro % batch_devices:
-      raise ValueError(f"batch_size {c.batch_size} (micro-batch {micro}) is not divisible by the "
+      raise errors.ConfigError(f"batch_size {c.batch_size} (micro-batch {micro}) is not divisible by the "
                        f"{batch_devices} devices that split the batch (mesh data x fsdp)")
     if c.batch_size % jax.process_count():
-      raise ValueError(f"batch_size {c.batch_size} is not divisible by the {jax.process_count()} processes")
+      raise errors.ConfigError(f"batch_size {c.batch_size} is not divisible by the {jax.process_count()} processes")
 
   # ---- state and steps -------------------------------------------------------------------
   def _init_state(self, loaded=None):
@@ -289,7 +289,8 @@ class Trainer:
         raise TrainingDiverged(
             f"loss is {float(rec['loss'])} at step {step}; stopping. The last good checkpoint is "
             + (f"step {last} in {self.checkpointer.directory}" if last is not None
-               else "none (this run saved or restored none)"))
+               else "none (this run saved or restored none)")
+            + ". Lower the learning rate or raise the warmup, then resume from it")
     pending.clear()
     return _window_metrics([{k: float(v) for k, v in r.items()} for r in records])
 

@@ -188,12 +188,26 @@ class MetricLogger:
     self.close()
 
 
+class _WithoutOrbax(std_logging.Filter):
+  """Drops orbax's records: vitoken reports every checkpoint failure itself, in one line
+  (orbax logs a failed save's traceback once per thread, ~200 lines)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+_ORBAX_FILTER = _WithoutOrbax()
+
+
 def quiet_libraries(verbose: bool) -> None:
-  """vitoken's own INFO lines and every library's warnings; library INFO chatter (orbax,
-  tfds, ...) only with --verbosity=1."""
+  """vitoken's own INFO lines and every library's warnings, but none of orbax's; library INFO
+  chatter (orbax, tfds, ...) and orbax's own logs only with --verbosity=1."""
+  absl_logger = std_logging.getLogger("absl")  # the one orbax and tfds write to
   if verbose:
     logging.set_verbosity(logging.INFO)
+    absl_logger.removeFilter(_ORBAX_FILTER)
     return
-  logging.set_verbosity(logging.WARNING)  # the absl logger, which orbax and tfds write to
+  logging.set_verbosity(logging.WARNING)
+  absl_logger.addFilter(_ORBAX_FILTER)
   std_logging.getLogger().setLevel(std_logging.WARNING)
   std_logging.getLogger("vitoken").setLevel(std_logging.INFO)

@@ -32,12 +32,18 @@ def _config_module(name):
   return _MODULES[name]
 
 
-def _smoke_runs():
+def _smoke_runs(trained_only=False):
+  """Every file's SMOKE runs; `trained_only`: its named presets (preset=...) and its first run,
+  the ones the slow test trains (each method's run is built and checked in the fast tier, and
+  trained by the method's own tests)."""
   runs = []
   for path in sorted(glob.glob(os.path.join(CONFIGS, "*.py"))):
     name = os.path.basename(path)
     # A config file without SMOKE still gets a case, which fails naming it.
-    for arg in getattr(_config_module(name), "SMOKE", ("<no SMOKE list>",)):
+    smoke = getattr(_config_module(name), "SMOKE", ("<no SMOKE list>",))
+    for i, arg in enumerate(smoke):
+      if trained_only and not (i == 0 or "preset=" in arg or name == "bench.py"):
+        continue
       runs.append(pytest.param(name, arg, id=f"{name[:-3]}:{arg}"))
   return runs
 
@@ -111,7 +117,7 @@ def test_every_smoke_config_is_small_and_reads_no_imagenet():
       _check_small(config, f"{name}:{arg}")
 
 
-@pytest.mark.parametrize("name,arg", _smoke_runs())
+@pytest.mark.parametrize("name,arg", _smoke_runs(trained_only=True))
 def test_every_preset_smoke_mode_trains_and_evaluates(name, arg, runs):
   assert "SMOKE" in vars(_config_module(name)), (
       f"configs/{name} has no SMOKE list of its presets' smoke runs (see this test's docstring)")

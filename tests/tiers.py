@@ -62,8 +62,8 @@ SLOW_TESTS = (
     "test_paths.py::test_training_resume_and_init_from_in_a_bucket",
     "test_paths.py::test_unreadable_checkpoint_in_a_bucket_is_set_aside",
     "test_train_distributed.py::test_trainer_refuses_a_workdir_another_process_zero_writes",
-    # Every config file's smoke runs (SMOKE: 24 runlocal trainings) and bench.py's two tiny
-    # presets: 56 s (the named presets and each file's first run; 220 s for all 26) on 2 shared cores, warm cache.
+    # The named presets' smoke runs, each config file's first one and bench.py's two tiny
+    # presets (16 cases): 56 s on 2 shared cores, warm cache (all 26 SMOKE runs took 220 s).
     "test_presets.py::test_every_preset_smoke_mode_trains_and_evaluates",
     # Two `python -m vitoken.train` subprocesses and a one-process reference run (56 s).
     "test_train_distributed.py::test_replicas_across_processes_feed_identical_rows",

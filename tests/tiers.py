@@ -29,6 +29,7 @@ TRAINED_RUN_FIXTURES = (
     "pretrained",  # test_beit (BEiT pretraining), test_masked_modeling_train (MAE/SimMIM)
     "kmeans_run",  # test_tokenizers: a 12-step k-means fit
     "run",  # test_loading: a 4-step run (the file is slow anyway)
+    "runs_by_devices",  # test_checkpoints_travel: 4-step runs on 8 devices and on 1 (subprocess)
 )
 
 # Other fixtures that take long to set up; their users are slow too.
@@ -65,6 +66,11 @@ SLOW_TESTS = (
     # The named presets' smoke runs, each config file's first one and bench.py's two tiny
     # presets (16 cases): 56 s on 2 shared cores, warm cache (all 26 SMOKE runs took 220 s).
     "test_presets.py::test_every_preset_smoke_mode_trains_and_evaluates",
+    # Two 8-step runs each, damaged and resumed (12 s); subprocesses that measure an S/8
+    # init_from's memory (22 s); a run read back with plain orbax as the README shows.
+    "test_checkpoints_travel.py::test_damaged_checkpoints_are_set_aside_in_one_line",
+    "test_checkpoints_travel.py::test_init_from_on_a_data_parallel_mesh_reads_the_params_once",
+    "test_checkpoints_travel.py::test_the_readme_restores_a_checkpoint_with_plain_orbax",
     # Two `python -m vitoken.train` subprocesses and a one-process reference run (56 s).
     "test_train_distributed.py::test_replicas_across_processes_feed_identical_rows",
     # Fits a tokenizer (fitting.fit, 4 steps): 8.0 s warm / 12.2 s cold.

@@ -61,6 +61,7 @@ class Checkpointer:
     self._manager = self._open()
     self._pending: Optional[int] = None  # the step being written in the background
     self._good: Optional[int] = None  # the newest checkpoint known to be sound
+    self._failed = False  # a save failed and was reported
 
   def _open(self):
     return ocp.CheckpointManager(
@@ -96,6 +97,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
       raise _save_error(step, self.directory, e) from e
     self._good = step
     log.info("checkpoint at step %d saved to %s", step, self.directory)
@@ -189,7 +191,12 @@ class Checkpointer:
     try:
       self.poll(wait=True)
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        # orbax raises a failed save again when closing: it was reported once already.
+        if not self._failed:
+          raise
 
 
 class CheckpointMismatch(errors.CheckpointError):

@@ -136,7 +136,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_says_so(tmp_path, caplog):
   assert summary["start_step"] == 4
   warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
   # One short line that names the step and where it went (not TensorStore's whole spec).
-  assert len(warnings) == 1 and "\n" not in warnings[0] and len(warnings[0]) < 400, warnings
+  assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+  assert len(warnings[0].replace(str(tmp_path), "W")) < 300, warnings
   assert "checkpoint at step 8 is unreadable" in warnings[0] and "unreadable/8" in warnings[0]
   assert os.path.isdir(tmp_path / "checkpoints" / "unreadable" / "8")
 

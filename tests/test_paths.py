@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from tests.test_train_loop import run_preempted, smoke_config
+from vitoken import errors
 from vitoken.data import pipeline
 from vitoken.engine import checkpoint as ckpt_lib, metrics as metrics_lib
 from vitoken.train import trainer
@@ -381,8 +382,8 @@ def test_unsupported_schemes_and_unwritable_buckets_are_named(bucket):
                                        r"\(use a local path or one of gs://, s3://"):
     trainer.check_workdir("hdfs://nn/run")
   bucket.read_only_buckets.add("locked")
-  with pytest.raises(ValueError, match=r"workdir gs://locked/run is not writable: "
-                                       r"PermissionError: 403 Forbidden"):
+  with pytest.raises(errors.StorageError, match=r"workdir gs://locked/run is not writable: "
+                                                r"PermissionError: 403 Forbidden"):
     trainer.check_workdir("gs://locked/run")
   assert trainer.check_workdir("gs://bucket/run/") == "gs://bucket/run" and bucket.keys() == []
   assert not os.path.exists("hdfs:") and not os.path.exists("gs:")

@@ -21,7 +21,7 @@ import pytest
 
 from configs import visual_tokenizer
 from tests.test_train_loop import override
-from vitoken import tasks, tokenizers as fitting
+from vitoken import errors, tasks, tokenizers as fitting
 from vitoken.data import pipeline
 from vitoken.engine.metrics import read_jsonl
 from vitoken.models.tokenizers import common, fsq, kmeans
@@ -603,7 +603,8 @@ def test_load_of_a_missing_path_is_an_error(tmp_path):
 def test_load_of_a_workdir_that_is_not_a_tokenizer_is_an_error(kmeans_run, tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
-  with pytest.raises(FileNotFoundError, match="no run config"):
+  with pytest.raises(errors.CheckpointError, match=r"no checkpoint in \S+/empty: it holds no "
+                                                   "finished checkpoint"):
     fitting.load(str(empty))
   # A finished run of another task: the k-means workdir with its saved config renamed.
   other = tmp_path / "classifier"

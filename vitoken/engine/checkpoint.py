@@ -241,7 +241,7 @@ def check_writable(directory, what: str) -> None:
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except  (buckets fail with auth errors too)
     raise errors.StorageError(f"{what} {path} is not writable: {_storage_cause(e)}. "
-                              f"{_storage_fix(e, path)}") from e
+                              f"{_storage_fix(e, path, saved_before=False)}") from e
 
 
 def _storage_cause(error: BaseException) -> str:
@@ -260,13 +260,13 @@ def _storage_cause(error: BaseException) -> str:
   return _first_line(error)
 
 
-def _storage_fix(error: BaseException, path) -> str:
+def _storage_fix(error: BaseException, path, *, saved_before: bool = True) -> str:
   cause = _storage_cause(error)
+  then = ": training resumes from the last saved checkpoint" if saved_before else ""
   if "full" in cause or "quota" in cause:
-    return (f"Free space where {path} lives (or lower --config.checkpoint.keep), then run again: "
-            "training resumes from the last saved checkpoint")
-  return (f"Make {path} writable for this user, or pass a --workdir on writable storage; "
-          "training resumes from the last saved checkpoint")
+    return (f"Free space where {path} lives (or lower --config.checkpoint.keep), then run "
+            f"again{then}")
+  return f"Make {path} writable for this user, or pass a --workdir on writable storage{then}"
 
 
 def _save_error(step: int, directory: str, error: BaseException) -> CheckpointSaveError:

@@ -237,8 +237,11 @@ class Trainer:
     params at most."""
     c = self.config.init_from
     backbone = self.task.backbone()  # the ViT that knows how to fit loaded params (posemb)
-    loaded = ckpt_lib.subtree(ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2]),
-                              c.subtree, c.path)
+    try:
+      loaded = ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2])
+    except errors.UserError as e:
+      raise type(e)(f"init_from.path: {e}") from e
+    loaded = ckpt_lib.subtree(loaded, c.subtree, c.path)
     adapt = functools.partial(backbone.adapt_loaded, image_size=self.info.image_shape[:2],
                               method=c.posemb_resize)
     merged, kept = ckpt_lib.merge_params(self.abstract_state["params"], loaded,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -199,6 +200,20 @@ class _WithoutOrbax(std_logging.Filter):
 _ORBAX_FILTER = _WithoutOrbax()
 
 
+def _unraisablehook_without_closed_loops(hook):
+  """After a save fails, orbax closes its event loop and TensorStore reports every write still
+  pending as an unraisable "Event loop is closed" (hundreds of traceback lines); the failure
+  itself is reported once, by the checkpointer."""
+
+  def unraisablehook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      hook(unraisable)
+
+  unraisablehook.quiet_closed_loops = True
+  return unraisablehook
+
+
 def quiet_libraries(verbose: bool) -> None:
   """vitoken's own INFO lines and every library's warnings, but none of orbax's; library INFO
   chatter (orbax, tfds, ...) and orbax's own logs only with --verbosity=1."""
@@ -209,5 +224,7 @@ def quiet_libraries(verbose: bool) -> None:
     return
   logging.set_verbosity(logging.WARNING)
   absl_logger.addFilter(_ORBAX_FILTER)
+  if not getattr(sys.unraisablehook, "quiet_closed_loops", False):
+    sys.unraisablehook = _unraisablehook_without_closed_loops(sys.unraisablehook)
   std_logging.getLogger().setLevel(std_logging.WARNING)
   std_logging.getLogger("vitoken").setLevel(std_logging.INFO)

@@ -360,3 +360,24 @@ def test_the_readme_restores_a_checkpoint_with_plain_orbax(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(want)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(want)))
   assert namespace["step"] == 4
+
+
+def test_a_full_disk_reads_as_one_error_on_the_command_line(tmp_path):
+  """The whole output of `python -m vitoken.train` whose disk fills up at its first save: the
+  run's description, evals, and one error line (no orbax or TensorStore dumps)."""
+  if shutil.which("unshare") is None or subprocess.run(
+      ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+    pytest.skip("no user namespaces here: the tests above simulate the same failure")
+  (tmp_path / "full").mkdir()
+  train = (f"{sys.executable} -m vitoken.train --config=configs/quickstart.py:runlocal "
+           f"--workdir={tmp_path}/full/run --config.progress_bar=False "
+           "--config.model.width=512 --config.model.mlp_dim=2048 --config.model.num_heads=8")
+  done = subprocess.run(
+      ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=40m tmpfs {tmp_path}/full && {train}"],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300, cwd=ROOT)
+  lines = (done.stdout + done.stderr).strip().splitlines()
+  assert done.returncode == 1 and len(lines) <= 6, lines
+  assert re.fullmatch(r"error: could not save the checkpoint at step 4 to \S+/checkpoints/4: the "
+                      r"disk is full\. Free space where \S+ lives \(or lower "
+                      r"--config.checkpoint.keep\), then run again: training resumes from the "
+                      r"last saved checkpoint", lines[-1]), lines

@@ -71,6 +71,8 @@ SLOW_TESTS = (
     "test_checkpoints_travel.py::test_damaged_checkpoints_are_set_aside_in_one_line",
     "test_checkpoints_travel.py::test_init_from_on_a_data_parallel_mesh_reads_the_params_once",
     "test_checkpoints_travel.py::test_the_readme_restores_a_checkpoint_with_plain_orbax",
+    # `python -m vitoken.train` on a 40 MB tmpfs until its first save fails (13 s).
+    "test_checkpoints_travel.py::test_a_full_disk_reads_as_one_error_on_the_command_line",
     # Two `python -m vitoken.train` subprocesses and a one-process reference run (56 s).
     "test_train_distributed.py::test_replicas_across_processes_feed_identical_rows",
     # Fits a tokenizer (fitting.fit, 4 steps): 8.0 s warm / 12.2 s cold.

@@ -131,12 +131,14 @@ class Trainer:
     micro = c.batch_size // max(c.grad_accum_steps, 1)
     if c.grad_accum_steps < 1 or c.batch_size % c.grad_accum_steps:
       raise errors.ConfigError(f"batch_size {c.batch_size} is not divisible by grad_accum_steps "
-                       f"{c.grad_accum_steps}")
+                               f"{c.grad_accum_steps}")
     if micro % batch_devices:
-      raise errors.ConfigError(f"batch_size {c.batch_size} (micro-batch {micro}) is not divisible by the "
-                       f"{batch_devices} devices that split the batch (mesh data x fsdp)")
+      raise errors.ConfigError(
+          f"batch_size {c.batch_size} (micro-batch {micro}) is not divisible by the "
+          f"{batch_devices} devices that split the batch (mesh data x fsdp)")
     if c.batch_size % jax.process_count():
-      raise errors.ConfigError(f"batch_size {c.batch_size} is not divisible by the {jax.process_count()} processes")
+      raise errors.ConfigError(f"batch_size {c.batch_size} is not divisible by the "
+                               f"{jax.process_count()} processes")
 
   # ---- state and steps -------------------------------------------------------------------
   def _init_state(self, loaded=None):

@@ -18,7 +18,8 @@ from vitoken.data import cluttered_digits, config as config_lib, pipeline, sourc
 SPEC_KEYS = {"name", "folder", "data_dir", "train_split", "eval_split", "image_size",
              "random_resized_crop", "crop_scale", "crop_ratio", "flip", "mean", "std",
              "mixup_alpha", "cutmix_alpha", "mix_prob", "worker_count", "build", "shuffle",
-             "train_examples"}
+             "train_examples", "crop_pct", "interpolation", "random_erasing",
+             "random_erasing_mode", "random_erasing_count", "randaugment"}
 CLASSES = ("ant", "bee", "cat")  # label of example id i: i % 3
 
 

@@ -17,7 +17,7 @@ from ml_collections import config_dict
 import numpy as np
 
 from vitoken import settings as settings_lib
-from vitoken.data import cluttered_digits
+from vitoken.data import cluttered_digits, ops, randaugment
 from vitoken.errors import ConfigError
 
 # Defaults of every data config key; a key not listed here is a typo and is rejected.
@@ -32,11 +32,23 @@ DEFAULTS: Dict[str, Any] = {
     "crop_scale": (0.08, 1.0),
     "crop_ratio": (3 / 4, 4 / 3),
     "flip": False,  # random horizontal flip (train); off by default: digits are not symmetric
+    # timm's RandAugment string (train, after crop and flip), e.g. DeiT's "rand-m9-mstd0.5-inc1";
+    # "" is off (vitoken.data.randaugment)
+    "randaugment": "",
+    # Eval: None squashes the image to image_size (the digits); a fraction is timm's eval
+    # crop: shorter side to floor(image_size / crop_pct), then the central image_size.
+    "crop_pct": None,
+    "interpolation": "bilinear",  # or "bicubic" (PIL); every resize, train and eval
     "mean": (0.5,),  # per channel, on images scaled to [0, 1]; one value broadcasts
     "std": (0.5,),
     "mixup_alpha": 0.0,
     "cutmix_alpha": 0.0,
     "mix_prob": 1.0,  # probability that a batch is mixed at all (when an alpha is > 0)
+    # timm's RandomErasing (train, per image, after normalisation, before mixup/cutmix):
+    # the probability (DeiT: 0.25), the fill (ops.ERASING_MODES) and the most boxes per image.
+    "random_erasing": 0.0,
+    "random_erasing_mode": "pixel",
+    "random_erasing_count": 1,
     "worker_count": 0,  # grain worker processes; 0 = this process (threads only)
     "build": True,  # build cluttered_digits / offline-buildable TFDS datasets when missing
     "shuffle": True,
@@ -46,7 +58,8 @@ DEFAULTS: Dict[str, Any] = {
 
 # Keys whose default is None but whose value has a type, so `--config.data.<key>=...` can
 # override them on the command line.
-_TYPED_NONE = {"folder": str, "data_dir": str, "train_examples": int, "eval_examples": int}
+_TYPED_NONE = {"folder": str, "data_dir": str, "train_examples": int, "eval_examples": int,
+               "crop_pct": float}
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -69,16 +82,29 @@ class Settings:
   crop_scale: Tuple[float, float]
   crop_ratio: Tuple[float, float]
   flip: bool
+  randaugment: str
+  crop_pct: Optional[float]
+  interpolation: str
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
   mixup_alpha: float
   cutmix_alpha: float
   mix_prob: float
+  random_erasing: float
+  random_erasing_mode: str
+  random_erasing_count: int
   worker_count: int
   build: bool
   shuffle: bool
   train_examples: Optional[int]
   eval_examples: Optional[int]
+
+  def randaugment_spec(self) -> Optional[randaugment.Spec]:
+    """The parsed `randaugment` string (None when off); fills with the dataset's mean."""
+    if not self.randaugment:
+      return None
+    return randaugment.parse(self.randaugment, image_mean=self.mean,
+                             interpolation=self.interpolation)
 
   @classmethod
   def parse(cls, data_config) -> "Settings":
@@ -89,6 +115,8 @@ class Settings:
     for key in ("folder", "data_dir"):
       if values[key] is not None:
         values[key] = os.fspath(values[key])
+    if settings_lib.is_count(values["random_erasing_count"]):
+      values["random_erasing_count"] = int(values["random_erasing_count"])
     settings = cls(**values)
     settings.validate()
     return settings
@@ -101,10 +129,27 @@ class Settings:
     _check(len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1],
            f"crop_ratio must be (low, high) with 0 < low <= high, got {self.crop_ratio}")
     _check(all(s > 0 for s in self.std), f"std must be positive, got {self.std}")
+    _check(isinstance(self.randaugment, str),
+           f"randaugment must be a timm RandAugment string like 'rand-m9-mstd0.5-inc1' or '' "
+           f"(off), got {self.randaugment!r}")
+    if self.randaugment:
+      self.randaugment_spec()  # a bad string is a ConfigError naming the bad part
     _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0,
            f"mixup_alpha and data.cutmix_alpha must be >= 0, got {self.mixup_alpha}, "
            f"{self.cutmix_alpha}")
     _check(0 <= self.mix_prob <= 1, f"mix_prob must lie in [0, 1], got {self.mix_prob}")
+    _check(self.crop_pct is None or (_is_number(self.crop_pct) and 0 < self.crop_pct <= 1),
+           f"crop_pct must be None (squash to image_size) or a fraction in (0, 1], got "
+           f"{self.crop_pct!r}")
+    _check(isinstance(self.interpolation, str) and self.interpolation in ops.INTERPOLATIONS,
+           f"interpolation must be one of {sorted(ops.INTERPOLATIONS)}, got {self.interpolation!r}")
+    _check(_is_number(self.random_erasing) and 0 <= self.random_erasing <= 1,
+           f"random_erasing must be a probability in [0, 1], got {self.random_erasing!r}")
+    _check(self.random_erasing_mode in ops.ERASING_MODES,
+           f"random_erasing_mode must be one of {list(ops.ERASING_MODES)}, got "
+           f"{self.random_erasing_mode!r}")
+    _check(settings_lib.is_count(self.random_erasing_count),
+           f"random_erasing_count must be an int >= 1, got {self.random_erasing_count!r}")
     _check(isinstance(self.worker_count, (int, np.integer)) and self.worker_count >= 0,
            f"worker_count must be an int >= 0, got {self.worker_count!r}")
     for key in ("train_examples", "eval_examples"):
@@ -120,6 +165,10 @@ def _float_tuple(key: str, value) -> Tuple[float, ...]:
     return tuple(float(v) for v in value)
   except (TypeError, ValueError):
     raise ConfigError(f"data.{key} must be a sequence of numbers, got {value!r}") from None
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _check(condition: bool, message: str) -> None:

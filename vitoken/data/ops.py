@@ -5,18 +5,26 @@ happens once per batch (`normalize`). Random ops take a `np.random.Generator`, w
 pipeline gets from grain per record (or per batch), so every draw is reproducible.
 
 Semantics follow the references the research code is compared against:
-`random_resized_crop` is torchvision's `RandomResizedCrop`, `mixup`/`cutmix`/`mix_batch`
-are timm's `Mixup` in batch mode (partner = the batch reversed, cutmix lambda corrected
-to the pasted area).
+`random_resized_crop` is torchvision's `RandomResizedCrop`, `resize_center_crop` is timm's eval
+transform (`crop_pct`, crop_mode "center"), `random_erasing` is timm's `RandomErasing`,
+`mixup`/`cutmix`/`mix_batch` are timm's `Mixup` in batch mode (partner = the batch reversed,
+cutmix lambda corrected to the pasted area).
 """
 from __future__ import annotations
 
 import io
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+# The `interpolation` names of the data config (timm's names) -> PIL resampling filters.
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+# timm's RandomErasing fills: "const" zeros (the mean colour, after normalisation), "rand" one
+# standard normal value per channel and box, "pixel" one per pixel and channel.
+ERASING_MODES = ("const", "rand", "pixel")
 
 # PIL modes that hold one intensity channel (alpha, if any, is dropped on decode).
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
@@ -71,24 +79,69 @@ def _from_array(array: np.ndarray, channels: Optional[int]) -> np.ndarray:
   return _from_pil(Image.fromarray(array), 1)  # PIL's ITU-R 601-2 luma, same as decode
 
 
-def resize(image: np.ndarray, size: Union[int, Tuple[int, int]]) -> np.ndarray:
-  """Antialiased bilinear resize (PIL) of uint8 [H, W, C] to [size, size, C] or [h, w, C]."""
+def resize(image: np.ndarray, size: Union[int, Tuple[int, int]],
+           interpolation: str = "bilinear") -> np.ndarray:
+  """Antialiased resize (PIL) of uint8 [H, W, C] to [size, size, C] or [h, w, C].
+
+  `interpolation` is a key of `INTERPOLATIONS`; PIL widens the kernel when shrinking.
+  """
   height, width = (size, size) if isinstance(size, int) else size
   if image.shape[:2] == (height, width):
     return image
   if image.dtype != np.uint8 or image.ndim != 3:
     raise ValueError(f"resize takes uint8 [H, W, C], got {image.dtype} {image.shape}")
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, "
+                     f"got {interpolation!r}")
+  resample = INTERPOLATIONS[interpolation]
   if image.shape[-1] == 3:
-    return _resize_pil(image, width, height)
+    return _resize_pil(image, width, height, resample)
   # PIL has no 2- or 4+-plane uint8 mode; 1 channel goes through "L" plane by plane too.
-  return np.stack([_resize_pil(image[..., c], width, height)
+  return np.stack([_resize_pil(image[..., c], width, height, resample)
                    for c in range(image.shape[-1])], axis=-1)
 
 
-def _resize_pil(array: np.ndarray, width: int, height: int) -> np.ndarray:
-  # PIL's bilinear widens its kernel when shrinking, so downscaling is antialiased.
-  resized = Image.fromarray(np.ascontiguousarray(array)).resize((width, height), Image.BILINEAR)
+def _resize_pil(array: np.ndarray, width: int, height: int, resample) -> np.ndarray:
+  resized = Image.fromarray(np.ascontiguousarray(array)).resize((width, height), resample)
   return np.asarray(resized, dtype=np.uint8)
+
+
+def center_crop(image: np.ndarray, size: Union[int, Tuple[int, int]]) -> np.ndarray:
+  """torchvision's CenterCrop of [H, W, C]: zero-padded first where `size` exceeds the image."""
+  crop_h, crop_w = (size, size) if isinstance(size, int) else size
+  height, width = image.shape[:2]
+  if crop_h > height or crop_w > width:
+    pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+    image = np.pad(image, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2),
+                           (0, 0)))
+    height, width = image.shape[:2]
+  # Python's round (half to even), as torchvision: an odd margin of 1 puts the extra row at
+  # the bottom, one of 3 at the top.
+  top = int(round((height - crop_h) / 2.0))
+  left = int(round((width - crop_w) / 2.0))
+  return image[top:top + crop_h, left:left + crop_w]
+
+
+def resize_center_crop(image: np.ndarray, size: Union[int, Tuple[int, int]], crop_pct: float,
+                       interpolation: str = "bilinear") -> np.ndarray:
+  """timm's eval transform (crop_mode "center") of uint8 [H, W, C]: keep the aspect ratio and
+  scale the image to cover floor(size / crop_pct), then take the central `size`.
+
+  crop_pct=0.875, size=224: shorter side to 256, centre 224 x 224.
+  """
+  crop_h, crop_w = (size, size) if isinstance(size, int) else size
+  scale_h, scale_w = math.floor(crop_h / crop_pct), math.floor(crop_w / crop_pct)
+  height, width = image.shape[:2]
+  if scale_h == scale_w:
+    # torchvision's Resize(int): the shorter side exactly, the longer one truncated.
+    short, long = min(height, width), max(height, width)
+    new_long = int(scale_h * long / short)
+    new_size = (scale_h, new_long) if height <= width else (new_long, scale_h)
+  else:
+    # timm's ResizeKeepRatio (a non-square target): both sides rounded, half to even.
+    ratio = min(height / scale_h, width / scale_w)
+    new_size = (round(height / ratio), round(width / ratio))
+  return center_crop(resize(image, new_size, interpolation), (crop_h, crop_w))
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
@@ -126,10 +179,11 @@ def _central_crop_box(height, width, ratio):
 
 def random_resized_crop(image: np.ndarray, size: Union[int, Tuple[int, int]],
                         rng: np.random.Generator, scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
+                        ratio: Sequence[float] = (3 / 4, 4 / 3),
+                        interpolation: str = "bilinear") -> np.ndarray:
   """Random area/aspect crop of uint8 [H, W, C], resized to `size`."""
   top, left, crop_h, crop_w = random_resized_crop_box(*image.shape[:2], rng, scale, ratio)
-  return resize(image[top:top + crop_h, left:left + crop_w], size)
+  return resize(image[top:top + crop_h, left:left + crop_w], size, interpolation)
 
 
 def flip(image: np.ndarray) -> np.ndarray:
@@ -150,6 +204,65 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
   scale = 1.0 / (255.0 * std)
   shift = -mean / std
   return images.astype(np.float32) * scale + shift
+
+
+def random_erasing_boxes(height: int, width: int, rng: np.random.Generator,
+                         probability: float, max_count: int = 1, min_area: float = 0.02,
+                         max_area: float = 1 / 3, min_aspect: float = 0.3,
+                         max_aspect: Optional[float] = None) -> List[Tuple[int, int, int, int]]:
+  """The boxes timm's RandomErasing erases in one image: [(top, left, box_h, box_w), ...].
+
+  With probability `probability`: a count uniform in 1..max_count, then per box an area
+  fraction uniform in [min_area, max_area] / count and an aspect (h / w) log-uniform in
+  [min_aspect, max_aspect or 1 / min_aspect]; 10 tries per box for one strictly inside the
+  image, else that box is skipped. Empty list when nothing is erased.
+  """
+  if rng.random() > probability:
+    return []
+  count = 1 if max_count <= 1 else int(rng.integers(1, max_count + 1))
+  log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
+  area = height * width
+  boxes = []
+  for _ in range(count):
+    for _ in range(10):
+      target_area = rng.uniform(min_area, max_area) * area / count
+      aspect = math.exp(rng.uniform(*log_aspect))
+      box_h = int(round(math.sqrt(target_area * aspect)))
+      box_w = int(round(math.sqrt(target_area / aspect)))
+      if box_w < width and box_h < height:
+        top = int(rng.integers(0, height - box_h + 1))
+        left = int(rng.integers(0, width - box_w + 1))
+        boxes.append((top, left, box_h, box_w))
+        break
+  return boxes
+
+
+def erase(image: np.ndarray, box: Tuple[int, int, int, int], mode: str,
+          rng: np.random.Generator) -> None:
+  """Fills `box` (top, left, h, w) of a normalised float image [H, W, C] in place (see
+  `ERASING_MODES`); the random fills are standard normal, i.e. in normalised units."""
+  top, left, box_h, box_w = box
+  channels = image.shape[-1]
+  if mode == "pixel":
+    fill = rng.standard_normal((box_h, box_w, channels), dtype=np.float32)
+  elif mode == "rand":
+    fill = rng.standard_normal(channels, dtype=np.float32)
+  elif mode == "const":
+    fill = 0.0
+  else:
+    raise ValueError(f"mode must be one of {ERASING_MODES}, got {mode!r}")
+  image[top:top + box_h, left:left + box_w] = fill
+
+
+def random_erasing(images: np.ndarray, rng: np.random.Generator, probability: float,
+                   mode: str = "pixel", max_count: int = 1) -> np.ndarray:
+  """timm's RandomErasing of normalised float images [B, H, W, C], image by image; writes
+  into `images` (so a batch is not copied) and returns it."""
+  height, width = images.shape[1:3]
+  for image in images:
+    for box in random_erasing_boxes(height, width, rng, probability, max_count):
+      erase(image, box, mode, rng)
+  return images
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -19,7 +19,8 @@ SPEC_KEYS = {"name", "folder", "data_dir", "train_split", "eval_split", "image_s
              "random_resized_crop", "crop_scale", "crop_ratio", "flip", "mean", "std",
              "mixup_alpha", "cutmix_alpha", "mix_prob", "worker_count", "build", "shuffle",
              "train_examples", "crop_pct", "interpolation", "random_erasing",
-             "random_erasing_mode", "random_erasing_count", "randaugment"}
+             "random_erasing_mode", "random_erasing_count", "randaugment", "eval_splits",
+             "repeated_augmentation"}
 CLASSES = ("ant", "bee", "cat")  # label of example id i: i % 3
 
 

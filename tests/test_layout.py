@@ -21,7 +21,7 @@ FLOORS = {
     "convert": 3,
     "engine": 4,
     "bench": 5, "tasks": 5,
-    "train": 6, "loading": 6,
+    "train": 6, "loading": 6, "evaluate": 6,
     "tokenizers": 7, "demo": 7, "__init__": 7,
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Dict, Optional, Tuple
 
 import ml_collections
@@ -26,7 +27,11 @@ DEFAULTS: Dict[str, Any] = {
     "folder": None,  # root/<split>/<class_name>/*.png|jpg|jpeg; when set, `name` is unused
     "data_dir": None,  # TFDS data dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
     "train_split": "train",
-    "eval_split": "test",
+    "eval_split": "test",  # evaluated as split "eval" (and "eval_ema")
+    # More splits evaluated at every evaluation, {name: split}: logged as "eval/<name>" (and
+    # "eval_ema/<name>"), e.g. {"minival": "train[99%:]"}; a split is TFDS's split syntax
+    # (slices too) or, with `folder`, a subfolder. `eval_examples` caps each.
+    "eval_splits": {},
     "image_size": 64,  # output height = width
     "random_resized_crop": False,  # train only; otherwise train images are resized
     "crop_scale": (0.08, 1.0),
@@ -52,9 +57,15 @@ DEFAULTS: Dict[str, Any] = {
     "worker_count": 0,  # grain worker processes; 0 = this process (threads only)
     "build": True,  # build cluttered_digits / offline-buildable TFDS datasets when missing
     "shuffle": True,
+    # DeiT's repeated augmentation: each image of an epoch's shuffled order is shown this many
+    # times in a row, the copies spread over the processes and augmented apart; an epoch keeps
+    # its length, so it shows 1/n of the images. 1 is off; DeiT uses 3.
+    "repeated_augmentation": 1,
     "train_examples": None,  # cap on the train split (smoke tests); None = all of it
     "eval_examples": None,  # cap on the eval split (smoke tests); None = all of it
 }
+
+_SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 
 # Keys whose default is None but whose value has a type, so `--config.data.<key>=...` can
 # override them on the command line.
@@ -77,6 +88,7 @@ class Settings:
   data_dir: Optional[str]
   train_split: str
   eval_split: str
+  eval_splits: Tuple[Tuple[str, str], ...]  # (name, split) pairs, in the config's order
   image_size: int
   random_resized_crop: bool
   crop_scale: Tuple[float, float]
@@ -96,6 +108,7 @@ class Settings:
   worker_count: int
   build: bool
   shuffle: bool
+  repeated_augmentation: int
   train_examples: Optional[int]
   eval_examples: Optional[int]
 
@@ -115,8 +128,10 @@ class Settings:
     for key in ("folder", "data_dir"):
       if values[key] is not None:
         values[key] = os.fspath(values[key])
-    if settings_lib.is_count(values["random_erasing_count"]):
-      values["random_erasing_count"] = int(values["random_erasing_count"])
+    for key in ("random_erasing_count", "repeated_augmentation"):
+      if settings_lib.is_count(values[key]):
+        values[key] = int(values[key])
+    values["eval_splits"] = _named_splits(values["eval_splits"])
     settings = cls(**values)
     settings.validate()
     return settings
@@ -150,12 +165,30 @@ class Settings:
            f"{self.random_erasing_mode!r}")
     _check(settings_lib.is_count(self.random_erasing_count),
            f"random_erasing_count must be an int >= 1, got {self.random_erasing_count!r}")
+    _check(settings_lib.is_count(self.repeated_augmentation),
+           f"repeated_augmentation must be an int >= 1 (1 is off, DeiT uses 3), got "
+           f"{self.repeated_augmentation!r}")
     _check(isinstance(self.worker_count, (int, np.integer)) and self.worker_count >= 0,
            f"worker_count must be an int >= 0, got {self.worker_count!r}")
     for key in ("train_examples", "eval_examples"):
       value = getattr(self, key)
       _check(value is None or (isinstance(value, (int, np.integer)) and value > 0),
              f"{key} must be None or a positive int, got {value!r}")
+
+
+def _named_splits(value) -> Tuple[Tuple[str, str], ...]:
+  if not isinstance(value, dict):
+    raise ConfigError(f"data.eval_splits must be a dict {{name: split}}, e.g. "
+                      f"{{'minival': 'train[99%:]'}}, got {value!r}")
+  for name, split in value.items():
+    # The name becomes a metrics split and a TensorBoard folder: one path component.
+    if not (isinstance(name, str) and _SPLIT_NAME_RE.match(name)):
+      raise ConfigError(f"data.eval_splits name {name!r} must be letters, digits, '_', '-' or "
+                        f"'.' (it is logged as split 'eval/<name>')")
+    if not (isinstance(split, str) and split):
+      raise ConfigError(f"data.eval_splits[{name!r}] must be a split name like 'validation' or "
+                        f"'train[99%:]', got {split!r}")
+  return tuple(value.items())
 
 
 def _float_tuple(key: str, value) -> Tuple[float, ...]:

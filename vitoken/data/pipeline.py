@@ -15,7 +15,9 @@ checkpoints exact (the state is a position) and lets per-record randomness come 
 Training: each process shuffles and repeats only its own strided shard of the split
 (reshuffled every epoch), augments each example (resize or random-resized-crop, flip),
 batches `global_batch_size // process_count` examples, then normalizes, one-hot encodes and
-applies mixup/cutmix per batch.
+applies mixup/cutmix per batch. With `repeated_augmentation` > 1 the processes instead share
+one permutation per epoch and stride through it with each image repeated, as DeiT's sampler
+does (`RepeatedAugmentation`).
 
 Evaluation is exact: the split is padded to a multiple of the global batch; global batch k
 holds examples [k * B, (k + 1) * B) spread over the processes, so every example appears once
@@ -30,6 +32,7 @@ transforms). Their public names are re-exported here.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Tuple
 
 from absl import flags
@@ -52,7 +55,8 @@ from vitoken.errors import ConfigError, DataError
 
 __all__ = [
     "BatchFields", "DataInfo", "IMAGE_EXTENSIONS", "ImageFolderSource", "dataset_info",
-    "default_data_config", "eval_iterator", "folder_classes", "folder_files", "train_iterator",
+    "RepeatedAugmentation", "default_data_config", "eval_iterator", "folder_classes",
+    "folder_files", "train_iterator",
 ]
 
 # In-process prefetching: threads overlap reading/augmenting with the trainer's device
@@ -82,17 +86,20 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
   if not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ConfigError(f"seed must be a non-negative int, got {seed!r} (config.seed)")
   split = sources.open_split(settings, settings.train_split, settings.train_examples)
-  shard = split.source[process_index::process_count]
-  if len(shard) == 0:
-    raise DataError(f"train split {settings.train_split!r} has {len(split.source)} examples: "
-                    f"too few for {process_count} processes; run fewer processes or give more "
-                    "examples (data.train_examples)")
   stream_seed = lambda stream: _stream_seed(seed, process_index, stream)
-  if settings.shuffle:
-    # Shuffle before repeat: grain folds the epoch into the shuffle seed, so each epoch
-    # is a fresh permutation and epochs never mix.
-    shard = shard.shuffle(seed=stream_seed(_SHUFFLE_STREAM))
-  dataset = (shard.repeat(None)
+  if settings.repeated_augmentation > 1:
+    # One permutation for all processes (process 0's seed): the copies of an image must be
+    # spread over the processes, so the processes must agree on the order.
+    examples = RepeatedAugmentation(split.source, num_repeats=settings.repeated_augmentation,
+                                    seed=_stream_seed(seed, 0, _SHUFFLE_STREAM),
+                                    shuffle=settings.shuffle, process_index=process_index,
+                                    process_count=process_count)
+  else:
+    examples = _shuffled_shard(split.source, settings, process_index, process_count,
+                               stream_seed(_SHUFFLE_STREAM))
+  # random_map draws from the element's position in this process's stream, so the copies of a
+  # repeated image (at different positions or processes) are augmented differently.
+  dataset = (examples
              .random_map(transforms.TrainExample(settings, split.channels),
                          seed=stream_seed(_EXAMPLE_STREAM))
              .batch(local_batch, drop_remainder=True)
@@ -104,8 +111,12 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
 
 def eval_iterator(data_config, *, global_batch_size: int,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
-                  labels: bool = True, batch_fields: Optional[BatchFields] = None, seed: int = 0):
+                  labels: bool = True, batch_fields: Optional[BatchFields] = None, seed: int = 0,
+                  split: Optional[str] = None):
   """One pass over the eval split, padded to whole global batches, without augmentation.
+
+  `split` (a split name or slice, e.g. "train[99%:]", or a folder's subfolder; capped by
+  `eval_examples` too) replaces `eval_split`, for the named `eval_splits`.
 
   Yields {"image": float32 [B, H, W, C], "labels": float32 [B, num_classes], "mask": bool [B]}:
   the labels take the training form (one-hot), with all-zero rows where mask is False
@@ -116,7 +127,8 @@ def eval_iterator(data_config, *, global_batch_size: int,
   settings = Settings.parse(data_config)
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(global_batch_size, process_count)
-  split = sources.open_split(settings, settings.eval_split, settings.eval_examples)
+  split = sources.open_split(settings, settings.eval_split if split is None else split,
+                             settings.eval_examples)
   num_batches = math.ceil(len(split.source) / global_batch_size)
   padded = sources.PaddedSource(split.source, num_batches * global_batch_size)
   dataset = (grain.MapDataset.source(padded)[process_index::process_count]
@@ -126,6 +138,72 @@ def eval_iterator(data_config, *, global_batch_size: int,
   dataset = _with_task_fields(dataset, labels, batch_fields,
                               _stream_seed(seed, process_index, _TASK_STREAM))
   return _iterate(dataset, settings.worker_count)
+
+
+def _shuffled_shard(source, settings: Settings, process_index: int, process_count: int,
+                    shuffle_seed: int) -> grain.MapDataset:
+  """This process's strided shard, shuffled per epoch and repeated forever."""
+  shard = source[process_index::process_count]
+  if len(shard) == 0:
+    raise DataError(f"train split {settings.train_split!r} has {len(source)} examples: "
+                    f"too few for {process_count} processes; run fewer processes or give more "
+                    "examples (data.train_examples)")
+  if settings.shuffle:
+    # Shuffle before repeat: grain folds the epoch into the shuffle seed, so each epoch
+    # is a fresh permutation and epochs never mix.
+    shard = shard.shuffle(seed=shuffle_seed)
+  return shard.repeat(None)
+
+
+class RepeatedAugmentation(grain.MapDataset):
+  """DeiT's repeated-augmentation sampler (timm's `RepeatAugSampler`) as an infinite MapDataset.
+
+  Epoch e takes a permutation P_e of the N examples, the same on every process (grain's
+  shuffle of range(N), epoch folded into `seed`; the identity when `shuffle` is False), repeats
+  each entry `num_repeats` times in a row (R_e[j] = P_e[j // num_repeats]) and gives process p
+  the positions p, p + process_count, p + 2 * process_count, ... of R_e, M = N // process_count
+  of them; element i of the stream is R_{i // M}[p + (i % M) * process_count]. That is
+  timm's sampler with `selected_round=1` (num_selected_samples = floor(N / process_count); DeiT
+  rounds N down to a multiple of 256 first): M * process_count <= N positions are taken, so
+  every process sees the same number per epoch and no padding is needed. An epoch is as long as
+  one without repeats and shows its first ceil(M * process_count / num_repeats) images of P_e,
+  each num_repeats times (the last maybe fewer); with process_count >= num_repeats the copies
+  of an image fall on different processes, at (nearly) the same step.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, num_repeats: int, seed: int, shuffle: bool,
+               process_index: int, process_count: int):
+    super().__init__(parent)
+    self._num_repeats = num_repeats
+    self._process_index = process_index
+    self._process_count = process_count
+    self._per_epoch = len(parent) // process_count
+    if self._per_epoch == 0:
+      raise DataError(f"the train split has {len(parent)} examples: too few for "
+                      f"{process_count} processes; run fewer processes or give more examples "
+                      "(data.train_examples)")
+    # Indexed past its length, grain's shuffle reads the epoch from the index: element
+    # e * N + q is P_e[q].
+    self._order = grain.MapDataset.range(len(parent))
+    if shuffle:
+      self._order = self._order.shuffle(seed=seed)
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"RepeatedAugmentation(num_repeats={self._num_repeats})"
+
+  def source_index(self, index: int) -> int:
+    """The example (an index of the parent) at position `index` of this process's stream."""
+    epoch, k = divmod(index, self._per_epoch)
+    position = (self._process_index + k * self._process_count) // self._num_repeats
+    return int(self._order[epoch * len(self._parent) + position])
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.source_index(index)]
 
 
 def _with_task_fields(dataset, labels: bool, batch_fields, seed: int):

@@ -39,6 +39,8 @@ def dataset_info(data_config) -> DataInfo:
   settings = Settings.parse(data_config)
   train = open_split(settings, settings.train_split, settings.train_examples)
   evaluation = open_split(settings, settings.eval_split, settings.eval_examples)
+  for _, split in settings.eval_splits:
+    open_split(settings, split, settings.eval_examples)  # a missing split fails now, not at eval
   return DataInfo(num_classes=train.num_classes,
                   image_shape=(settings.image_size, settings.image_size, train.channels),
                   train_examples=len(train.source), eval_examples=len(evaluation.source))
@@ -196,9 +198,10 @@ class ImageFolderSource:
 
 
 def _open_folder(root: str, split: str, settings: Settings) -> Split:
-  classes = folder_classes(root, (settings.train_split, settings.eval_split))
+  splits = (settings.train_split, settings.eval_split, *(s for _, s in settings.eval_splits))
+  classes = folder_classes(root, splits)
   paths, labels = folder_files(root, split, classes)
-  channels = _folder_channels(root, (settings.train_split, settings.eval_split), classes)
+  channels = _folder_channels(root, splits, classes)
   return Split(source=ImageFolderSource(paths, labels, channels), num_classes=len(classes),
                channels=channels)
 

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from vitoken import errors, paths, tasks as tasks_lib
-from vitoken.data import pipeline
+from vitoken.data import config as data_config_lib, pipeline
 from vitoken.engine import (
   checkpoint as ckpt_lib,
   distributed,
@@ -257,12 +257,13 @@ class Trainer:
     init = jax.jit(self._init_state, donate_argnums=0, out_shardings=self.state_shardings)
     return init(placed)
 
-  def evaluate(self, params) -> Dict[str, float]:
-    """The task's metrics over the whole eval split; every eval draws the same randomness
-    (random reducers get a key per batch index), so evals of one run are comparable."""
+  def evaluate(self, params, split=None) -> Dict[str, float]:
+    """The task's metrics over the whole eval split (or `split`, a split spec such as
+    "train[99%:]"); every eval draws the same randomness (random reducers get a key per batch
+    index), so evals of one run are comparable."""
     totals = None
     key = jax.random.key(self.config.seed + 2)
-    for i, batch in enumerate(self._eval_batches()):
+    for i, batch in enumerate(self._eval_batches(split)):
       out = self.eval_step(params, self._global(batch), self.frozen, jax.random.fold_in(key, i))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     return self.task.eval_summary(jax.device_get(totals))
@@ -278,11 +279,18 @@ class Trainer:
   def _global(self, local_batch):
     return sharding.global_batch(local_batch, self.batch_sharding, self.config.batch_size)
 
-  def _eval_batches(self):
+  def _eval_batches(self, split=None):
     return pipeline.eval_iterator(self.config.data, global_batch_size=self.config.batch_size,
                                   process_index=self.data_index, process_count=self.data_count,
                                   labels=self.task.uses_labels,
-                                  batch_fields=self.task.batch_fields(), seed=self.config.seed)
+                                  batch_fields=self.task.batch_fields(), seed=self.config.seed,
+                                  split=split)
+
+  def eval_splits(self) -> Dict[str, Any]:
+    """{logged name: split spec} of every evaluation: "eval" is `data.eval_split` (None here),
+    each of `data.eval_splits` is "eval/<name>"."""
+    named = data_config_lib.Settings.parse(self.config.data).eval_splits
+    return {"eval": None, **{f"eval/{name}": split for name, split in named}}
 
   def _drain(self, pending: List[Tuple[int, Any]]) -> Dict[str, float]:
     """Brings queued step metrics to the host; stops at the first non-finite loss."""
@@ -300,10 +308,13 @@ class Trainer:
     return _window_metrics([{k: float(v) for k, v in r.items()} for r in records])
 
   def _evaluate_all(self, state, step: int, logger) -> Dict[str, Dict[str, float]]:
-    """The eval metrics of the params (and the EMA params), logged; previews written."""
-    results = {"eval": self.evaluate(state["params"])}
-    if "ema_params" in state:
-      results["eval_ema"] = self.evaluate(state["ema_params"])
+    """The eval metrics of the params (and the EMA params) on every eval split, logged;
+    previews written. The EMA's are "eval_ema" and "eval_ema/<name>"."""
+    results = {}
+    for name, split in self.eval_splits().items():
+      results[name] = self.evaluate(state["params"], split)
+      if "ema_params" in state:
+        results[name.replace("eval", "eval_ema", 1)] = self.evaluate(state["ema_params"], split)
     for split, values in results.items():
       logger.write(step, values, split=split)
       log.info("%s at step %d: %s", split, step,

@@ -56,15 +56,8 @@ def load_run(workdir: str, token_reduction: Any = "config"):
 
 def accuracy(predict: Callable, data_config, batch: int = 250) -> Tuple[float, int]:
   """(top-1 accuracy, examples) of `predict(images) -> logits` over a whole eval split."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
-  correct = total = 0
-  for b in pipeline.eval_iterator(data_config, global_batch_size=batch):
-    pred = np.asarray(predict(b["image"])).argmax(-1)
-    correct += int(((pred == b["labels"].argmax(-1)) & b["mask"]).sum())
-    total += int(b["mask"].sum())
-  return correct / max(total, 1), total
+  from vitoken.bench import budget  # pylint: disable=import-outside-toplevel
+  return budget.predict_accuracy(predict, data_config, batch_size=batch)
 
 
 def evaluate_run(model, params, config, info, batch: int, summary: Dict):

@@ -116,9 +116,14 @@ def families(methods: Sequence[str], num_patches: int,
 
 
 def accuracy(model, params, data_config, *, batch_size: int = 256) -> Tuple[float, int]:
-  """(top-1 accuracy, examples) of `model` over the whole eval split of `data_config`, padded
-  batches masked out, as the trainer's eval counts them."""
-  predict = jax.jit(lambda x: model.apply({"params": params}, x)[0])
+  """(top-1 accuracy, examples) of `model` over the whole eval split of `data_config`."""
+  return predict_accuracy(jax.jit(lambda x: model.apply({"params": params}, x)[0]), data_config,
+                          batch_size=batch_size)
+
+
+def predict_accuracy(predict, data_config, *, batch_size: int = 256) -> Tuple[float, int]:
+  """(top-1 accuracy, examples) of `predict(images) -> logits` over the whole eval split of
+  `data_config`, padded batches masked out, as the trainer's eval counts them."""
   correct = total = 0
   for b in pipeline.eval_iterator(data_config, global_batch_size=batch_size):
     pred = np.asarray(predict(b["image"])).argmax(-1)

@@ -66,6 +66,9 @@ SLOW_TESTS = (
     # The named presets' smoke runs, each config file's first one and bench.py's two tiny
     # presets (16 cases): 56 s on 2 shared cores, warm cache (all 26 SMOKE runs took 220 s).
     "test_presets.py::test_every_preset_smoke_mode_trains_and_evaluates",
+    # Every ImageNet recipe's smoke runs on mock ImageNet (16 cases, each two steps, an eval and
+    # a resume, dependencies trained once): 106 s on 2 shared cores, warm cache / 245 s cold.
+    "test_imagenet_recipes.py::test_recipe_trains_evaluates_and_resumes",
     # Two 8-step runs each, damaged and resumed (12 s); subprocesses that measure an S/8
     # init_from's memory (22 s); a run read back with plain orbax as the README shows.
     "test_checkpoints_travel.py::test_damaged_checkpoints_are_set_aside_in_one_line",

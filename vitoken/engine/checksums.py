@@ -56,7 +56,7 @@ _device_tree_sums = jax.jit(lambda tree: jax.tree.map(_device_sums, tree))
 
 def _first_shard(x):
   # Replicated scalars: every process holds the whole value.
-  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+  return np.asarray(x.addressable_data(0))
 
 
 def of_tree(tree) -> Dict[str, str]:

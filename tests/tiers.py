@@ -45,6 +45,7 @@ SLOW_TESTS = (
     "test_pruning_train.py::test_evit_shrink_schedule_compiles_one_train_step_per_phase",
     "test_masked_modeling_train.py::test_finetune_from_mae_learns",
     "test_tome.py::test_tome_and_dense_training_runs_both_learn",  # 2 x 200 steps
+    "test_token_reduction_sweep.py::test_small_sweep_runs_end_to_end_and_resumes",  # 5 runs
     "test_token_learner.py::test_trainer_runs_learn",  # 80 steps per variant
     "test_lookup.py::test_trainer_runs_lookup_with_training_grids",
     # End-to-end trainer runs (compile + steps + eval + checkpoints each).

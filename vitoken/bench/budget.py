@@ -260,7 +260,7 @@ def _next_window(n: int, measured: Dict[int, float], target: float, boundary: in
 def _speed_picks(model, params, dense, searches, target, *, batch, size, time_window,
                  max_rounds, windows, iters, warmup) -> List[Pick]:
   # The bench's own compiled case, so candidates run exactly as its inference rows do.
-  case = core._Case  # pylint: disable=protected-access
+  case = core.TimedProgram
   channels = model.channels
   compiled = {"dense": case(model, params, "inference", batch, size, channels)}
   measured: List[Dict[int, float]] = [{} for _ in searches]

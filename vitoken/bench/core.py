@@ -21,6 +21,7 @@ import optax
 from vitoken import settings as settings_lib
 from vitoken.bench import flops as flops_lib
 from vitoken.models import variants as variants_lib, vit
+from vitoken.tasks.base import model_rngs
 
 MODES = ("inference", "train")
 # Dense bf16 peak TFLOP/s by device kind (first substring that matches).
@@ -43,7 +44,7 @@ def backbone_fields(backbone: Any, base: Dict[str, Any]) -> Tuple[str, Dict[str,
   return name, {**base, **variants_lib.decode_variant(fields.pop("variant", None)), **fields}
 
 
-class _Case:
+class TimedProgram:
   """One compiled program (inference or train step) of one variant, ready to time."""
 
   def __init__(self, model, params, mode: str, batch: int, image_size: int, channels: int):
@@ -61,7 +62,8 @@ class _Case:
 
       def step(state, x, y):
         def loss_fn(p):
-          logits, _ = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)})
+          logits, _ = model.apply({"params": p}, x, train=True,
+                                 rngs=model_rngs(model, jax.random.key(1), train=True))
           return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
         loss, grads = jax.value_and_grad(loss_fn)(state[0])
         updates, opt_state = tx.update(grads, state[1], state[0])
@@ -135,7 +137,7 @@ def bench(config) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
         cases, failed = {}, {}
         for v, model in models.items():
           try:
-            cases[v] = _Case(model, params[v], mode, batch, c.image_size, c.channels)
+            cases[v] = TimedProgram(model, params[v], mode, batch, c.image_size, c.channels)
           except Exception as e:  # pylint: disable=broad-except
             if not _is_oom(e):
               raise

@@ -66,8 +66,9 @@ def token_reduction(method, *, r=8, keep=0.7, tokens=8, loc=3, grid=4):
   if method in ("dense", "mae_pretrain") or (method == "mae" and not r):
     return None
   if method in ("tome", "mae"):
-    # Trained with ToMe: the reference recommends no proportional attention.
-    return {"method": "tome", "r": int(r), "prop_attn": False}
+    # Trained with ToMe, proportional attention on: the reference trained its checkpoints so
+    # (its README); off = for MAE models used off the shelf.
+    return {"method": "tome", "r": int(r), "prop_attn": True}
   if method in ("token_learner", "token_fuser"):
     return {"method": "token_learner", "num_tokens": int(tokens), "loc": int(loc),
             "version": "v1.1", "mode": "learner" if method == "token_learner" else "fuser"}
@@ -82,7 +83,7 @@ def token_reduction(method, *, r=8, keep=0.7, tokens=8, loc=3, grid=4):
     depth = BACKBONE["depth"]
     prune = {"method": "evit", "keep_rate": float(keep), "layers": layers[:2], "fuse_token": True}
     return [prune, {"method": "tome", "r": [0] * (layers[1] + 1) + [int(r)] * (depth - layers[1] - 1),
-                    "prop_attn": False}]
+                    "prop_attn": True}]
   raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

@@ -7,13 +7,18 @@ Should reproduce: BEiT's 83.2% top-1 for ViT-B/16 at 224 px after 800 pretrainin
 et al. 2022, "BEiT: BERT Pre-Training of Image Transformers", Table 1), measured with DALL-E's
 tokenizer; vitoken's k-means codes (configs/imagenet/beit_tokenizer.py) are not DALL-E's.
 
-Recipe (BEiT's appendix, ImageNet fine-tuning of the base model): 100 epochs of 1024 (125,113
-steps), AdamW at 4e-3, weight decay 0.05, layer-wise lr decay 0.65, drop path 0.1, 20 warmup
-epochs, cosine to 1e-6, mean pooling with a LayerNorm and a fresh head, RandAugment
-rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1.
+Recipe (the BEiT-base command for self-supervised-only checkpoints in unilm's
+beit/get_started_for_image_classification.md, written for the ImageNet-22k-pretrained one, over
+run_class_finetuning.py's defaults; the paper's appendix table was not checked): 100 epochs of
+1024 (8 GPUs x 128; 125,113 steps), AdamW at 4e-3, weight decay 0.05, layer-wise lr decay 0.65,
+drop path 0.1, 20 warmup epochs, cosine to 1e-6 (min_lr; the warmup starts from 1e-6, from 0
+here), mean pooling with a LayerNorm and a fresh head, RandAugment rand-m9-mstd0.5-inc1, random
+erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1. Difference: the reference fine-tunes
+with a relative position bias in every block (copies of the pretraining's shared one), vitoken
+with its learned absolute position embeddings.
 
-Hardware: 8+ accelerators with >= 32 GB at 1024 a step, data-parallel (BEiT fine-tunes on the
-same 16 V100s as it pretrains).
+Hardware: 8+ accelerators with >= 32 GB at 1024 a step, data-parallel (the reference command
+runs 128 images on each of 8 GPUs, with DeepSpeed mixed precision).
 
 Arguments: init (the BEiT pretraining workdir), and folder, data_dir, runlocal
 (configs/imagenet/common.py).

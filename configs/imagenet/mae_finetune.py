@@ -13,8 +13,9 @@ decay 0.65 (B) / 0.75 (L), drop path 0.1 (B) / 0.2 (L), 5 warmup epochs, cosine 
 global average pooling with a LayerNorm after it and a fresh head, RandAugment
 rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1.
 
-Hardware: the paper fine-tunes on 128 TPU v3 cores too (8 images a core at 1024). This recipe
-assumes 8+ accelerators with >= 32 GB; L/16 shards over 8 devices (FSDP) as in pretraining.
+Hardware: FINETUNE.md fine-tunes B/16 in ~7h11m and L/16 in ~8h52m on 32 V100s (32 images each;
+the paper's TensorFlow/TPU setup is unverified here). This recipe assumes 8+ accelerators with
+>= 32 GB; L/16 shards over 8 devices (FSDP) as in pretraining.
 
 Arguments: init (the pretraining workdir), variant (B/16 | L/16, the pretraining's), and
 folder, data_dir, runlocal (configs/imagenet/common.py).

@@ -3,14 +3,16 @@
   python -m vitoken.train --config=configs/imagenet/mae_linear_probe.py:init=gs://bucket/mae_b16 --workdir=gs://bucket/mae_b16_lin
 
 Should reproduce: ViT-B/16 68.0% top-1 on ImageNet-1k val (ViT-L/16 75.8%) from 1600-epoch
-pretraining (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners", appendix A.3 and
-its linear-probing table), with the optimizer caveat below.
+pretraining (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners"; the "paper
+(TF/TPU)" row of the linear-probing table in facebookresearch/mae's FINETUNE.md, whose PyTorch
+rerun gives 67.8% and 76.0%), with the optimizer caveat below.
 
-Recipe (MAE's LINPROBE.md): the class token after the encoder's final LayerNorm, only the head
-trained (the encoder frozen, no optimizer state for it), 90 epochs of 16384 (7,037 steps), 10
-warmup epochs, cosine, no weight decay, random-resized crops and flips only. MAE trains the head
-with LARS (lr 0.1 x 16384/256) behind a BatchNorm without affine parameters; vitoken has
-neither, so this recipe trains it with AdamW at 1e-3, which may land below the paper's figure.
+Recipe (MAE's FINETUNE.md, "Linear Probing", and main_linprobe.py; the repository has no
+LINPROBE.md): the class token after the encoder's final LayerNorm, only the head trained (the
+encoder frozen, no optimizer state for it), 90 epochs of 16384 (7,037 steps), 10 warmup epochs,
+cosine, no weight decay, random-resized crops and flips only. MAE trains the head with LARS (lr
+0.1 x 16384/256) behind a BatchNorm without affine parameters; vitoken has neither, so this
+recipe trains it with AdamW at 1e-3, which may land below the paper's figure.
 
 Hardware: the probe runs the frozen encoder forward only: 8+ accelerators with >= 16 GB at 16384
 images a step (2048 a device on 8: lower batch_size, the lr with it, on smaller memories).

@@ -9,15 +9,18 @@ ViT-L/16 85.9% fine-tuned and 75.8% probed (He et al. 2022, "Masked Autoencoders
 Vision Learners", Table 3 and appendix A). Pretraining itself reports the eval split's masked
 pixel loss.
 
-Recipe (MAE's PRETRAIN.md and appendix A.1): 1600 epochs of 4096 (500,455 steps; epochs=800
-halves it, 83.4% fine-tuned for B in the paper's ablations), AdamW (0.9, 0.95) at 1.5e-4 x
-4096/256 with weight decay 0.05, 40 warmup epochs then cosine to 0, random-resized crops of scale
-0.2-1 and flips only, mask ratio 0.75, per-patch normalised pixel loss, decoder 8 blocks of 512
-with 16 heads.
+Recipe (MAE's PRETRAIN.md, main_pretrain.py and appendix A.1): 1600 epochs of 4096 (500,455
+steps; epochs=800 halves it: the paper's 800-epoch ablations are of ViT-L, 85.4% fine-tuned,
+"paper Table 1d" in PRETRAIN.md; a ViT-B 800-epoch figure is unverified), AdamW (0.9, 0.95) at
+1.5e-4 x 4096/256 with weight decay 0.05, 40 warmup epochs then cosine to 0, random-resized
+crops of scale 0.2-1 and flips only, mask ratio 0.75, per-patch normalised pixel loss, decoder 8
+blocks of 512 with 16 heads.
 
-Hardware: the paper pretrains on 128 TPU v3 cores (a v3-128 slice, 32 images a core). This
-recipe assumes such a slice or 32+ GPUs of >= 40 GB; B/16 is data-parallel, L/16 shards its
-parameters and Adam moments over 8 devices (FSDP, one host or node) and data-parallel across.
+Hardware: the paper's runs are TensorFlow on TPUs (FINETUNE.md; their size is unverified here);
+PRETRAIN.md's PyTorch run of ViT-L, 800 epochs, takes ~42 h on 64 V100s (64 images each). This
+recipe assumes a TPU pod slice of 128+ cores or 32+ GPUs of >= 40 GB; B/16 is data-parallel,
+L/16 shards its parameters and Adam moments over 8 devices (FSDP, one host or node) and
+data-parallel across.
 
 Arguments: variant (B/16 | L/16), epochs (default 1600), and folder, data_dir, runlocal
 (configs/imagenet/common.py).

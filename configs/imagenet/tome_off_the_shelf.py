@@ -8,8 +8,10 @@ Should reproduce: the second command, AugReg's ViT-B/16 (ImageNet-21k, fine-tune
 vit_base_patch16_224 of 2022) at r=13: 84.57% dense -> 82.60% with ToMe, off the shelf (the ToMe
 reference README, facebookresearch/ToMe, "expected results ... off-the-shelf"; Bolya et al.
 2023, "Token Merging: Your ViT but Faster"). The first, r=16 on configs/imagenet/deit.py's
-DeiT-B (81.8% dense), is the paper's off-the-shelf DeiT setting; the paper's appendix tables
-give its accuracy for each r.
+DeiT-B (81.8% dense), has no verified reference figure: the README gives off-the-shelf numbers
+for AugReg, SWAG and MAE models only, and its DeiT rows (DeiT-S 79.36%, DeiT-Ti 71.27% at r=13)
+are models trained with ToMe; an off-the-shelf DeiT-B accuracy at r=16 in the paper is
+unverified.
 
 How: the dense weights load through init_from (a vitoken workdir, or a big_vision .npz such as
 AugReg's), then one step at learning rate 0 (weight decay is scaled by it, so nothing moves:

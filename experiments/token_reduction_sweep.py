@@ -166,6 +166,7 @@ def _best_rows(rows: List[Row], accuracy: Dict[Row, float]) -> List[Row]:
 def _timing(rows: List[Row], args) -> Dict[str, Dict[str, Dict[str, float]]]:
   """Inference and training images/s and XLA GFLOPs of every row (seed 0), interleaved."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from vitoken.bench import core, flops as flops_lib  # pylint: disable=import-outside-toplevel
   out: Dict[str, Dict[str, Any]] = {}
   programs = {mode: {} for mode in ("inference", "train")}
@@ -332,6 +333,14 @@ def plot(rows: List[Dict], path: str, meta: Dict) -> None:
   ax.plot(dense["inference img/s"], 100 * dense["accuracy"], "k*", markersize=14, label="dense")
   front = pareto_front([(r["inference img/s"], 100 * r["accuracy"]) for r in rows])
   ax.plot(*zip(*front), "k--", linewidth=1, alpha=0.6, label="Pareto frontier")
+  # Rows far below dense would flatten every other line: they are listed, not drawn to scale.
+  floor = 100 * dense["accuracy"] - 6
+  low = [r for r in rows if 100 * r["accuracy"] < floor]
+  if low:
+    ax.set_ylim(bottom=floor)
+    ax.text(0.99, 0.02, "below the axis: " + "; ".join(
+        f"{LABELS[r['method']]} {r['setting']} {100 * r['accuracy']:.1f}%" for r in low),
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
   ax.set_xlabel(f"inference images / s (median; {meta['device']}, batch {meta['timed batch']})")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title("Token methods on one ViT (6 blocks, 64+1 tokens), cluttered digits")

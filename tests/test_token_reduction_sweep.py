@@ -118,3 +118,20 @@ def test_small_sweep_runs_end_to_end_and_resumes(tmp_path):
   assert [r["accuracies"] for r in again] == [r["accuracies"] for r in rows]
   for d, text in logs.items():
     assert (tmp_path / "runs" / d / "metrics.jsonl").read_text() == text, d
+
+
+def test_learned_map_statistics_tell_spread_and_redundant_maps():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from experiments import paper_gaps  # pylint: disable=import-outside-toplevel
+  n = 64
+  uniform = np.full((2, 4, n), 1.0 / n)
+  stats = paper_gaps.map_statistics(uniform)
+  assert abs(stats["map entropy (nats)"] - np.log(n)) < 1e-9
+  assert abs(stats["map cosine (between tokens)"] - 1.0) < 1e-9  # all maps the same
+  # Four tokens, each on its own patch: no spread, no overlap.
+  one_hot = np.zeros((2, 4, n))
+  one_hot[:, np.arange(4), np.arange(4) * 7] = 1.0
+  stats = paper_gaps.map_statistics(one_hot)
+  assert stats["map entropy (nats)"] < 1e-9 and stats["map cosine (between tokens)"] < 1e-9
+  assert stats["token pairs with cosine > 0.9"] == 0.0

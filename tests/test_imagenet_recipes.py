@@ -9,7 +9,6 @@ that file's smoke run with that arg (a dense run, a pretraining run, a teacher, 
 trained first in this module.
 """
 import glob
-import importlib.util
 import os
 import re
 import time
@@ -17,23 +16,17 @@ import time
 import pytest
 import tensorflow_datasets as tfds
 
+from tests import smoke_runs
 from vitoken.train import config as config_lib, trainer
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                        "imagenet")
 NOT_RECIPES = ("__init__.py", "common.py")
 MOCK_EXAMPLES = 16  # per split: half a runlocal batch, so evaluation pads
-_MODULES = {}
 
 
 def _module(name):
-  if name not in _MODULES:
-    spec = importlib.util.spec_from_file_location(f"imagenet_recipe_{name[:-3]}",
-                                                  os.path.join(RECIPES, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    _MODULES[name] = module
-  return _MODULES[name]
+  return smoke_runs.config_module(RECIPES, name)
 
 
 def _recipes():
@@ -69,48 +62,21 @@ def test_every_recipe_cites_its_number_and_hardware_and_its_commands_build():
       assert config.data.name == "imagenet2012" and config.data.image_size == 224, (name, arg)
 
 
-class _Runs:
-  """Smoke runs trained in this module, by (file, arg): workdir and first summary."""
-
-  def __init__(self, factory, data_dir):
-    self.factory, self.data_dir, self.done = factory, data_dir, {}
-
-  def resolve(self, arg):
-    """`arg` with each outermost `<file:arg>` replaced by that run's workdir (trained first)."""
-    out, depth, start = [], 0, 0
-    for i, ch in enumerate(arg):
-      if ch == "<":
-        depth, start = depth + 1, (i if depth == 0 else start)
-      elif ch == ">":
-        depth -= 1
-        if depth == 0:
-          name, _, dependency = arg[start + 1:i].partition(":")
-          out.append(self.train(name, dependency)[0])
-      elif depth == 0:
-        out.append(ch)
-    return "".join(out)
-
-  def config(self, name, arg):
-    config = _module(name).get_config(f"{self.resolve(arg)},data_dir={self.data_dir}")
-    config.progress_bar = False
-    return config
-
-  def train(self, name, arg):
-    if (name, arg) not in self.done:
-      assert arg in getattr(_module(name), "SMOKE", ()), (
-          f"a dependency names {name}:{arg}, which is not among that file's SMOKE runs")
-      config = self.config(name, arg)
-      assert config.total_steps <= 3 and config.batch_size <= 32, (name, arg)
-      workdir = str(self.factory.mktemp(re.sub(r"\W+", "_", f"{name[:-3]}_{arg}")[:60]))
-      self.done[(name, arg)] = workdir, trainer.run(config, workdir)
-    return self.done[(name, arg)]
+def _check_small(config, where):
+  assert config.total_steps <= 3 and config.batch_size <= 32, where
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds")
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+
+  def build(module, arg):
+    config = module.get_config(f"{arg},data_dir={data_dir}")
+    config.progress_bar = False
+    return config
+
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    yield _Runs(tmp_path_factory, str(data_dir))
+    yield smoke_runs.SmokeRuns(tmp_path_factory, RECIPES, build, _check_small)
 
 
 @pytest.mark.parametrize("name,arg", _smoke_runs())
@@ -127,3 +93,16 @@ def test_recipe_trains_evaluates_and_resumes(name, arg, runs):
   resumed = trainer.run(config, workdir)
   assert resumed["start_step"] == summary["final_step"] > 0 and resumed["steps_run"] == 1
   print(f"{name}:{arg} {time.time() - t0:.1f}s (its dependencies included)")
+
+
+@pytest.mark.parametrize("file", ["token_learners.py", "masked_modeling.py"])
+def test_the_digits_configs_old_imagenet_presets_name_the_recipes_that_replaced_them(file):
+  configs = os.path.dirname(RECIPES)
+  module = smoke_runs.config_module(configs, file)
+  for preset, replacement in module.MOVED_PRESETS.items():
+    with pytest.raises(config_lib.ConfigError, match=f"preset={preset} moved to configs/imagenet/"):
+      module.get_config(f"preset={preset}")
+    named = re.findall(r"(\w+\.py)", replacement)
+    assert named and all(os.path.exists(os.path.join(RECIPES, n)) for n in named), replacement
+  with pytest.raises(config_lib.ConfigError, match="unknown preset 'im22k'"):
+    module.get_config("preset=im22k")

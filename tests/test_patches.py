@@ -59,7 +59,8 @@ def test_3d_sizes():
 @pytest.mark.parametrize("size, patch, message", [
     ((30, 32), 8, "patch size 8x8 does not divide the image size 30x32"),
     ((32, 30), (8, 4), "patch size 8x4 does not divide the image size 32x30"),
-    ((5, 32, 32), (2, 8, 8), "patch size 2x8x8 does not divide the image size 5x32x32"),
+    ((5, 32, 32), (2, 8, 8), "clips of 5 frames do not split into tubelets of 2 frames"),
+    ((4, 32, 30), (2, 8, 8), "patch size 2x8x8 does not divide the image size 4x32x30"),
     ((32, 32), (2, 8, 8), "does not match the 2-D image size"),
     ((32,), 8, "image size must be"),
 ])

@@ -6,30 +6,21 @@ workdir of that file's smoke run with that argument (a pretraining run to fine-t
 tokenizer), trained first in the same test process when it is not yet.
 """
 import glob
-import importlib.util
 import os
-import re
 import time
 
 import pytest
 import tensorflow_datasets as tfds
 
+from tests import smoke_runs
 from vitoken import bench, errors
 from vitoken.data import pipeline
-from vitoken.train import trainer
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-_MODULES = {}
 
 
 def _config_module(name):
-  if name not in _MODULES:
-    spec = importlib.util.spec_from_file_location(f"configs_{name[:-3]}",
-                                                  os.path.join(CONFIGS, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    _MODULES[name] = module
-  return _MODULES[name]
+  return smoke_runs.config_module(CONFIGS, name)
 
 
 def _smoke_runs(trained_only=False):
@@ -48,16 +39,16 @@ def _smoke_runs(trained_only=False):
   return runs
 
 
-_DEPENDENCY = re.compile(r"<([^<>:]+\.py):([^<>]*)>")
+def _build(module, arg):
+  config = module.get_config(arg)
+  if "total_steps" in config:
+    config.progress_bar = False
+  return config
 
 
 def _config(name, arg, workdir_of):
   """The file's config for `arg`, each `<file:arg>` replaced by `workdir_of(file, arg)`."""
-  config = _config_module(name).get_config(
-      _DEPENDENCY.sub(lambda m: workdir_of(m.group(1), m.group(2)), arg))
-  if "total_steps" in config:
-    config.progress_bar = False
-  return config
+  return _build(_config_module(name), smoke_runs.substitute(arg, workdir_of))
 
 
 def _check_small(config, where):
@@ -70,29 +61,9 @@ def _check_small(config, where):
   assert model.get("width", 0) <= 64 and model.get("depth", 0) <= 8, where
 
 
-class _Runs:
-  """Smoke runs trained in this process, by (file, arg): their workdirs and summaries."""
-
-  def __init__(self, tmp_path_factory):
-    self.factory, self.done = tmp_path_factory, {}
-
-  def workdir(self, name, arg):
-    return self.train(name, arg)[0]
-
-  def train(self, name, arg):
-    if (name, arg) not in self.done:
-      assert arg in getattr(_config_module(name), "SMOKE", ()), (
-          f"a dependency names {name}:{arg}, which is not among that file's SMOKE runs")
-      config = _config(name, arg, self.workdir)
-      _check_small(config, f"{name}:{arg}")
-      workdir = str(self.factory.mktemp(re.sub(r"\W+", "_", f"{name[:-3]}_{arg}")[:60]))
-      self.done[(name, arg)] = workdir, trainer.run(config, workdir)
-    return self.done[(name, arg)]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  return _Runs(tmp_path_factory)
+  return smoke_runs.SmokeRuns(tmp_path_factory, CONFIGS, _build, _check_small)
 
 
 def _bench(config):

@@ -125,16 +125,23 @@ class MAEDecoder(nn.Module):
     patches = rbase.take_tokens(patches, ids_restore)
     pos = posemb_lib.sincos_2d_mae(grid, self.width, dtype=x.dtype)
     x = jnp.concatenate([x[:, :p], patches + pos], axis=1)  # prefix positions are zero in MAE
-    state = rbase.TokenState.create(x, num_prefix=p, grid=grid)
-    for i in range(self.depth):
-      state, _ = vit.EncoderBlock(
-          self.num_heads, self.mlp_dim or 4 * self.width, layer=i,
-          gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
-          attention_impl=self.attention_impl, deterministic=deterministic, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=f"block_{i:02d}")(state)
-    x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="norm")(state.x)
+    x = decoder_blocks(self, x, p, grid, deterministic)
     return dense(self.patch_pixels, "pred")(x)[:, p:].astype(jnp.float32)
+
+
+def decoder_blocks(decoder: nn.Module, x, num_prefix: int, grid, deterministic: bool):
+  """A decoder's pre-norm blocks (`block_NN`) and final LayerNorm (`norm`) over x [B, N, C],
+  built inside `decoder`'s compact call from its fields (depth, num_heads, mlp_dim, ...)."""
+  # A decoder's tokens follow its own order (VideoMAE's: visible, then masked), not time slices.
+  state = rbase.TokenState.create(x, num_prefix=num_prefix, grid=grid).replace(slices=1)
+  for i in range(decoder.depth):
+    state, _ = vit.EncoderBlock(
+        decoder.num_heads, decoder.mlp_dim or 4 * decoder.width, layer=i,
+        gelu_approximate=decoder.gelu_approximate, layer_norm_eps=decoder.layer_norm_eps,
+        attention_impl=decoder.attention_impl, deterministic=deterministic, dtype=decoder.dtype,
+        param_dtype=decoder.param_dtype, name=f"block_{i:02d}")(state)
+  return nn.LayerNorm(decoder.layer_norm_eps, dtype=decoder.dtype,
+                      param_dtype=decoder.param_dtype, name="norm")(state.x)
 
 
 def check_decoder(width: int, depth: int, num_heads: int):

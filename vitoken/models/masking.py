@@ -6,7 +6,10 @@ pipeline, or from an rng stream inside the model), and turn it into a mask on th
   `random_masking`), so the kept count is fixed and the encoder runs on fewer tokens;
 - SimMIM masks the `ceil(count * ratio)` coarse cells of lowest noise, a uniformly random
   subset as the reference's `np.random.permutation(count)[:mask_count]`, then repeats each cell
-  over the model patches it covers.
+  over the model patches it covers;
+- VideoMAE's tube masking masks the `int(ratio * h * w)` spatial positions of highest noise at
+  every time slice (its `TubeMaskingGenerator`: note the masked count is rounded down, where
+  MAE rounds the kept count down: 176 of 14x14 masked at 0.9, not 177).
 """
 import math
 from typing import Sequence, Tuple, Union
@@ -34,11 +37,15 @@ def patch_grid(image_hw: Sequence[int], patch: Pair) -> Tuple[int, int]:
 
 
 def patchify(images, patch: Pair):
-  """[B, H, W, C] -> [B, L, ph*pw*C], each patch flattened (row, column, channel) as MAE's."""
-  if images.ndim != 4:
-    raise InputError("images must be [batch, height, width, channels], got shape "
-                     f"{tuple(images.shape)}")
-  return PatchGrid.of(images.shape[1:3], pair(patch)).patchify(images)
+  """[B, H, W, C] -> [B, L, ph*pw*C], each patch flattened (row, column, channel) as MAE's; or
+  clips [B, T, H, W, C] with a (t, p, p) patch -> [B, T/t*h*w, t*p*p*C], flattened (time, row,
+  column, channel) as VideoMAE's `(p0 p1 p2 c)`."""
+  video = not isinstance(patch, int) and len(tuple(patch)) == 3
+  if images.ndim != (5 if video else 4):
+    raise InputError(("clips must be [batch, time, height, width, channels] for a (t, p, p) "
+                      "patch" if video else "images must be [batch, height, width, channels]")
+                     + f", got shape {tuple(images.shape)}")
+  return PatchGrid.of(images.shape[1:-1], tuple(patch) if video else pair(patch)).patchify(images)
 
 
 def unpatchify(patches, patch: Pair, grid: Sequence[int], channels: int):
@@ -113,3 +120,28 @@ def simmim_mask(noise, mask_ratio: float, coarse_grid: Sequence[int], scale: int
   coarse = (ranks < count).reshape(-1, gh, gw)
   fine = jnp.repeat(jnp.repeat(coarse, scale, axis=1), scale, axis=2)
   return fine.reshape(noise.shape[0], -1).astype(jnp.float32)
+
+
+def tube_mask_count(positions: int, mask_ratio: float) -> int:
+  """VideoMAE's masked positions per time slice: `int(ratio * positions)`."""
+  count = int(check_mask_ratio(mask_ratio) * positions)
+  if count < 1:
+    raise ConfigError(f"tube mask_ratio {mask_ratio} masks int({mask_ratio} * {positions}) = "
+                      f"{count} of the {positions} positions of a time slice: it masks nothing")
+  return count
+
+
+def tube_mask(noise, mask_ratio: float, frames: int):
+  """VideoMAE's tube masking: noise [B, h*w] -> mask [B, frames*h*w] float, 1 at the
+  `int(ratio * h * w)` positions of highest noise, the same positions in every time slice
+  (tokens time-major)."""
+  if noise.ndim != 2:
+    raise InputError(f"tube-mask noise must be [batch, positions per slice], got shape "
+                     f"{tuple(noise.shape)}")
+  if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+    raise ConfigError(f"frames (time slices) must be a positive int, got {frames!r}")
+  positions = noise.shape[1]
+  count = tube_mask_count(positions, mask_ratio)
+  _, ranks = shuffle_indices(noise)
+  spatial = (ranks >= positions - count).astype(jnp.float32)
+  return jnp.tile(spatial, (1, frames))

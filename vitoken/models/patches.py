@@ -66,6 +66,9 @@ class PatchGrid:
     if len(patch) != len(size):
       raise InputError(f"patch size {_times(patch)} does not match the {len(size)}-D image size "
                        f"{_times(size)}")
+    if len(size) == 3 and size[0] % patch[0]:
+      raise InputError(f"clips of {size[0]} frames do not split into tubelets of {patch[0]} "
+                       f"frames (patch size {_times(patch)}, clip size {_times(size)})")
     if any(s % p for s, p in zip(size, patch)):
       raise InputError(f"patch size {_times(patch)} does not divide the image size {_times(size)}")
     return cls(patch, tuple(s // p for s, p in zip(size, patch)))
@@ -99,6 +102,10 @@ class PatchGrid:
   def frames(self) -> int:
     """Patches along time (gt); 1 for a 2-D grid."""
     return self.grid[0] if self.ndim == 3 else 1
+
+  def slice_grid(self) -> "PatchGrid":
+    """The 2-D grid of one time slice (patch and grid without the time axis); itself in 2-D."""
+    return self if self.ndim == 2 else PatchGrid(self.patch[1:], self.grid[1:])
 
   @property
   def size(self) -> Tuple[int, ...]:

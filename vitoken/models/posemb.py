@@ -1,6 +1,7 @@
-"""Position embeddings: fixed 2-D sin-cos and resizing learned ones to a new patch grid.
+"""Position embeddings: fixed 2-D sin-cos tables, VideoMAE's 1-D one over a token sequence,
+and resizing learned ones to a new patch grid.
 
-Grids are (rows, cols) pairs or `PatchGrid`s (of one frame: the tables are 2-D).
+Grids are (rows, cols) pairs or `PatchGrid`s (of one frame: the 2-D tables are 2-D).
 """
 from typing import Sequence, Union
 
@@ -26,6 +27,18 @@ def sincos_2d(grid: Grid, width: int, temperature: float = 10_000.0, dtype=jnp.f
   x = np.einsum("m,d->md", x.flatten(), omega)
   pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
   return jnp.asarray(pe, dtype)[None]
+
+
+def sincos_1d(length: int, width: int, dtype=jnp.float32):
+  """VideoMAE's fixed table over a token sequence (`get_sinusoid_encoding_table`): [1, length,
+  width], entry (pos, j) = sin(pos / 10000^(2*(j//2)/width)) for even j, cos for odd j,
+  computed in float64 as the reference's numpy code does, then cast."""
+  if length < 1 or width < 1:
+    raise ConfigError(f"sincos_1d needs a positive length and width, got {length} and {width}")
+  j = np.arange(width)
+  angle = np.arange(length, dtype=np.float64)[:, None] / np.power(10000.0, 2 * (j // 2) / width)
+  table = np.where(j % 2 == 0, np.sin(angle), np.cos(angle))
+  return jnp.asarray(table, dtype)[None]
 
 
 def resize_posemb(posemb, old_grid: Grid, new_grid: Grid, *,

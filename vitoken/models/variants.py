@@ -1,4 +1,5 @@
-"""big_vision's ViT variant strings: "Ti", "S/16", "B/32", "g/14", ..."""
+"""big_vision's ViT variant strings: "Ti", "S/16", "B/32", "g/14", ...; with a tubelet depth
+for video, ViViT's "B/16x2" (16x16 pixels by 2 frames: patch_size (2, 16, 16))."""
 from typing import Any, Dict, Optional
 
 from vitoken.errors import ConfigError
@@ -20,7 +21,8 @@ _SIZES = {
 
 
 def decode_variant(variant: Optional[str]) -> Dict[str, Any]:
-  """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16))."""
+  """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=(16, 16));
+  "B/16x2" -> the same with patch_size=(2, 16, 16) (2 frames a tubelet)."""
   if variant is None:
     return {}
   if not isinstance(variant, str):
@@ -33,10 +35,11 @@ def decode_variant(variant: Optional[str]) -> Dict[str, Any]:
   width, depth, mlp_dim, heads = _SIZES[name]
   out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
   if patch:
-    if not patch.isdigit() or int(patch) <= 0:
+    side, x, frames = patch.partition("x")
+    if not side.isdigit() or int(side) <= 0 or (x and (not frames.isdigit() or int(frames) <= 0)):
       raise ConfigError(f"bad patch size in variant {variant!r} (model.variant): give e.g. "
-                        "'B/16'")
-    out["patch_size"] = (int(patch), int(patch))
+                        "'B/16', or 'B/16x2' for tubelets of 2 frames")
+    out["patch_size"] = ((int(frames),) if x else ()) + (int(side), int(side))
   return out
 
 

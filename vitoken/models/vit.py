@@ -19,7 +19,7 @@ from vitoken.models.patches import PatchGrid
 from vitoken.models.reducers import base as rbase
 
 POOL_TYPES = ("tok", "gap", "map", "none")
-POSEMB_TYPES = ("learn", "sincos2d", "sincos2d_mae", "none")
+POSEMB_TYPES = ("learn", "learn_factorised", "sincos2d", "sincos2d_mae", "sincos1d", "none")
 
 
 def stochastic_depth_rates(rate: float, depth: int):
@@ -38,7 +38,7 @@ def _auto_name(name: str) -> bool:
 
 # The ViT's top-level parameters outside the blocks, by layer-wise lr decay group: the stem
 # decays as a layer before the first block, the head as one after the last.
-STEM_NAMES = ("embedding", "cls", "registers", "pos_embedding", "norm_pre")
+STEM_NAMES = ("embedding", "cls", "registers", "pos_embedding", "pos_embedding_time", "norm_pre")
 HEAD_NAMES = ("encoder_norm", "fc_norm", "map_head", "pre_logits", "head")
 LAYER_DECAY_GROUPS = {**{n: "stem" for n in STEM_NAMES}, **{n: "head" for n in HEAD_NAMES}}
 
@@ -85,6 +85,7 @@ class EncoderBlock(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   phase: Optional[float] = None  # the schedule phase the reducers see (`BlockInfo.phase`)
+  prefix_key_bias: float = 0.0  # added to the class/register tokens' key logits
 
   @nn.compact
   def __call__(self, state: rbase.TokenState, drop_rate=None, layer_index=None, run=None):
@@ -131,7 +132,7 @@ class EncoderBlock(nn.Module):
         if missing:
           raise ConfigError(f"{reducer.where}: {reducer.name} needs {missing}, but an earlier "
                             "reducer at this stage replaced the tokens without carrying them")
-        state, aux = reducer(state, info, train=not self.deterministic)
+        state, aux = rbase.run_reducer(reducer, state, info, train=not self.deterministic)
         # A multi-stage method's losses and records are keyed by stage too, so none of one
         # stage overwrites another's.
         key = reducer.name if len(reducer.stages) == 1 else f"{reducer.name}/{stage}"
@@ -145,6 +146,10 @@ class EncoderBlock(nn.Module):
     bias = None
     if self.proportional_attention:
       bias = jnp.log(state.size)[:, None, None, :]
+    if self.prefix_key_bias and state.num_prefix:
+      prefix = jnp.arange(state.x.shape[1]) < state.num_prefix
+      prefix_bias = jnp.where(prefix, self.prefix_key_bias, 0.0)[None, None, None, :]
+      bias = prefix_bias if bias is None else bias + prefix_bias
     y, attn = attention_lib.SelfAttention(
         self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         implementation=self.attention_impl, name="attn")(
@@ -206,7 +211,9 @@ class MAPHead(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """ViT classifier. `apply(variables, images [B, H, W, C], train=False) -> (logits, aux)`.
+  """ViT classifier. `apply(variables, images [B, H, W, C], train=False) -> (logits, aux)`; with a
+  3-element `patch_size` (t, p, p) a video ViT (ViViT's model 1: joint space-time attention)
+  over clips [B, T, H, W, C], embedded by a 3-D convolution into time-major tokens.
 
   aux holds: "stem" (patch grid), "blocks" ({block_NN: tokens} or stacked [depth, ...] when
   scanned), "encoded", "pre_logits", "state" (the final TokenState), "losses" (auxiliary
@@ -220,11 +227,18 @@ class VisionTransformer(nn.Module):
   mlp_dim: Optional[int] = None  # default 4 * width
   num_heads: int = 12
   channels: int = 3
-  posemb: str = "learn"  # "learn" | "sincos2d" (big_vision's) | "sincos2d_mae" (MAE's) | "none"
+  # "learn" (one table over all patches) | "learn_factorised" (video: a spatial table plus a
+  # zero-initialised temporal one, TimeSformer's) | "sincos2d" (big_vision's) | "sincos2d_mae"
+  # (MAE's) | "sincos1d" (VideoMAE's table over all patches) | "none"
+  posemb: str = "learn"
   posemb_prefix: bool = False  # class/register tokens have positions too (timm's classic ViT)
   pool_type: str = "tok"  # "tok" (class token) | "gap" | "map" | "none" (all tokens)
   class_token: Optional[bool] = None  # default: pool_type == "tok"
   num_registers: int = 0
+  # Video: the class/register tokens attend as one copy per time slice (their key logits get
+  # + log T'), so that a clip of one repeated image runs exactly as the image model did;
+  # vitoken.convert.inflate sets it. False: ViViT's plain class token.
+  prefix_per_slice: bool = False
   pool_include_prefix: bool = False  # gap/map over class/register tokens too
   fc_norm: bool = False  # LayerNorm after pooling instead of before (timm's avg-pool models)
   pre_norm: bool = False  # LayerNorm before the blocks (CLIP)
@@ -276,11 +290,14 @@ class VisionTransformer(nn.Module):
   def sharding_rules(self) -> Tuple[Tuple[str, Tuple], ...]:
     """Partition rules, first match wins: the configured reducers' own, then the ViT's
     (`SHARDING_RULES`, which ends by replicating everything else)."""
-    return tuple(self.plan().sharding_rules()) + SHARDING_RULES
+    # The patch embedding's kernel is [*patch, C_in, width]: a video model's has one more axis.
+    embedding = (None,) * (len(self.patch_size) + 1) + ("fsdp",)
+    own = tuple((p, embedding if p == r"embedding/kernel$" else spec) for p, spec in SHARDING_RULES)
+    return tuple(self.plan().sharding_rules()) + own
 
   def patch_grid(self, image_size: Sequence[int]) -> PatchGrid:
-    """The patch grid of images of `image_size` (H, W); an error when the patches do not
-    divide it."""
+    """The patch grid of images of `image_size` (H, W), or of clips of (T, H, W) for a video
+    model (3-element `patch_size`); an error when the patches do not divide it."""
     return PatchGrid.of(tuple(image_size), tuple(self.patch_size))
 
   def adapt_loaded(self, key: str, value, target_shape, *, image_size: Sequence[int],
@@ -306,6 +323,17 @@ class VisionTransformer(nn.Module):
       raise ConfigError(f"posemb must be one of {POSEMB_TYPES}, got {self.posemb!r}")
     if self.pool_type == "tok" and self.class_token is False:
       raise ConfigError("pool_type='tok' reads the class token, but class_token=False")
+    if len(self.patch_size) not in (2, 3):
+      raise ConfigError(f"patch_size is (height, width) for images or (frames, height, width) "
+                        f"for video, got {tuple(self.patch_size)}")
+    video = len(self.patch_size) == 3
+    if self.posemb in ("sincos2d", "sincos2d_mae") and video:
+      raise ConfigError(f"posemb={self.posemb!r} is a 2-D table; a video model (patch_size "
+                        f"{tuple(self.patch_size)}) takes 'learn', 'learn_factorised', 'sincos1d' "
+                        "or 'none'")
+    if self.posemb == "learn_factorised" and not video:
+      raise ConfigError("posemb='learn_factorised' adds a temporal table: it needs a video "
+                        "model (a 3-element patch_size like (2, 16, 16))")
     if self.width % self.num_heads:
       raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     if self.remat_policy not in (None, "none") and not hasattr(jax.checkpoint_policies, self.remat_policy):
@@ -324,14 +352,25 @@ class VisionTransformer(nn.Module):
     return plan
 
   def _check_images(self, images) -> PatchGrid:
-    if images.ndim != 4:
+    video = len(self.patch_size) == 3
+    if images.ndim != (5 if video else 4):
+      if video:
+        raise InputError(f"this video model (patch_size {tuple(self.patch_size)}) takes clips "
+                         "[batch, time, height, width, channels], got shape "
+                         f"{tuple(images.shape)}" + (": an image batch? Make clips of one frame "
+                         "repeated, or use the image model" if images.ndim == 4 else ""))
       raise InputError("images must be [batch, height, width, channels], got shape "
-                       f"{tuple(images.shape)}")
+                       f"{tuple(images.shape)}" + (": a batch of clips? This image model has a "
+                       "2-D patch_size; inflate it to video with vitoken.convert.inflate"
+                       if images.ndim == 5 else ""))
     if images.shape[-1] != self.channels:
-      hint = " (it looks like NCHW; vitoken takes NHWC)" if images.shape[1] == self.channels else ""
+      hint = ""
+      if images.shape[1] == self.channels:
+        hint = (" (it looks like NCTHW; vitoken takes clips as NTHWC)" if video
+                else " (it looks like NCHW; vitoken takes NHWC)")
       raise InputError(f"images have {images.shape[-1]} channels, the model takes {self.channels}: "
                        f"shape {tuple(images.shape)}{hint}")
-    return self.patch_grid(images.shape[1:3])
+    return self.patch_grid(images.shape[1:-1])
 
   def _embed(self, images, grid: PatchGrid, plan, run, train, phase=None):
     """Patch embedding, class/register tokens, embedding-level reducers, then positions."""
@@ -359,7 +398,7 @@ class VisionTransformer(nn.Module):
       info = rbase.BlockInfo(layer=rbase.EMBED_LAYER, stage=rbase.PRE_POSEMB, step=run.get("step"),
                              progress=run.get("progress", 1.0), phase=phase,
                              inputs=run.get("inputs", {}))
-      state, aux = reducer(state, info, train=train)
+      state, aux = rbase.run_reducer(reducer, state, info, train=train)
       losses.update({f"{planned.name}/{k}": v for k, v in aux.pop("losses", {}).items()})
       if aux:
         records[planned.name] = aux
@@ -375,20 +414,38 @@ class VisionTransformer(nn.Module):
       state = state.replace(x=state.x + pos)
     return state, stem, losses, records
 
+  def _learned_table(self, name: str, n_pos: int, what: str, init):
+    expected = (1, n_pos, self.width)
+    if self.has_variable("params", name):
+      have = tuple(self.get_variable("params", name).shape)
+      if have != expected:
+        raise InputError(
+            f"{name} has shape {have} but {what} need {expected}; resize it with "
+            "vitoken.models.posemb.resize_posemb (the converters take image_size=...; "
+            "vitoken.convert.inflate takes num_frames=...)")
+    return self.param(name, init, expected, self.param_dtype)
+
   def _posemb(self, grid: PatchGrid, dtype):
     n_patches = grid.num_patches
+    n_prefix = self.num_prefix if self.posemb_prefix else 0
+    patches = ("clips" if grid.ndim == 3 else "images") + " of " + "x".join(map(str, grid.grid)) + " patches"
     if self.posemb == "learn":
-      n_pos = n_patches + (self.num_prefix if self.posemb_prefix else 0)
-      expected = (1, n_pos, self.width)
-      if self.has_variable("params", "pos_embedding"):
-        have = tuple(self.get_variable("params", "pos_embedding").shape)
-        if have != expected:
-          raise InputError(
-              f"pos_embedding has shape {have} but images of {grid.hw[0]}x{grid.hw[1]} patches need "
-              f"{expected}; resize it with vitoken.models.posemb.resize_posemb (the converters "
-              "take image_size=...)")
-      pos = self.param("pos_embedding", nn.initializers.normal(self.width ** -0.5), expected,
-                       self.param_dtype).astype(dtype)
+      pos = self._learned_table("pos_embedding", n_prefix + n_patches, patches,
+                                nn.initializers.normal(self.width ** -0.5)).astype(dtype)
+    elif self.posemb == "learn_factorised":
+      # TimeSformer: a spatial table (laid out as an image model's, so that inflation copies
+      # it) plus a temporal one that starts at zero, added per time slice.
+      h, w = grid.hw
+      space = self._learned_table("pos_embedding", n_prefix + h * w, f"frames of {h}x{w} patches",
+                                  nn.initializers.normal(self.width ** -0.5))
+      time = self._learned_table("pos_embedding_time", grid.frames, f"{grid.frames} time slices",
+                                 nn.initializers.zeros)
+      patch_pos = (time[0][:, None, :] + space[0, n_prefix:][None]).reshape(1, n_patches, -1)
+      pos = jnp.concatenate([space[:, :n_prefix], patch_pos], axis=1).astype(dtype)
+    elif self.posemb == "sincos1d":
+      pos = posemb_lib.sincos_1d(n_patches, self.width, dtype=dtype)
+      if self.posemb_prefix:
+        pos = jnp.concatenate([jnp.zeros((1, self.num_prefix, self.width), dtype), pos], axis=1)
     elif self.posemb in ("sincos2d", "sincos2d_mae"):
       table = posemb_lib.sincos_2d if self.posemb == "sincos2d" else posemb_lib.sincos_2d_mae
       pos = table(grid, self.width, dtype=dtype)
@@ -403,6 +460,7 @@ class VisionTransformer(nn.Module):
 
   def _encode(self, state, plan, train, run, phase=None):
     block_kw = dict(phase=phase,
+        prefix_key_bias=float(np.log(state.grid.frames)) if self.prefix_per_slice else 0.0,
         context=self.context(), num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
         dropout=self.dropout,
         layer_scale_init=self.layer_scale_init, qkv_bias=self.qkv_bias,

@@ -129,6 +129,14 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def moved_preset_message(preset: str, moved: dict) -> str:
+  """The error for a preset that left a digits config for configs/imagenet/."""
+  if preset in moved:
+    return (f"preset={preset} moved to configs/imagenet/ with the rest of the ImageNet recipes "
+            f"(evaluation crop, DeiT augmentation, folder or TFDS data): use {moved[preset]}")
+  return f"unknown preset {preset!r}; the ImageNet recipes are in configs/imagenet/"
+
+
 def override_reference() -> ml_collections.ConfigDict:
   """The keys `--config.<key>=...` may set even where a config file left them out: those of
   `base_config()`, and every ViT field under `model` and `eval_model_overrides` (None there:

@@ -28,6 +28,7 @@ from vitoken.models.reducers.contract import (  # noqa: F401
                                               register,
                                               registered_methods,
                                               registered_reducer,
+                                              run_reducer,
 )
 from vitoken.models.reducers.plan import PlannedReducer, ReductionPlan, build_plan  # noqa: F401
 from vitoken.models.reducers.token_state import (  # noqa: F401
@@ -44,7 +45,7 @@ from vitoken.models.reducers.token_state import (  # noqa: F401
 __all__ = [
     "BLOCK_MERGE", "BLOCK_NEEDS", "BLOCK_OWNER", "BLOCK_STAGES", "CLS_ATTN", "EMBED_LAYER",
     "KEYS_MEAN", "POST_ATTN", "POST_BLOCK", "PRE_BLOCK", "PRE_POSEMB", "STAGES", "BlockInfo",
-    "ModelContext", "Reducer", "register", "registered_methods", "registered_reducer",
+    "ModelContext", "Reducer", "register", "registered_methods", "registered_reducer", "run_reducer",
     "PlannedReducer", "ReductionPlan", "build_plan", "EMPTY_GRID", "LEARNED_ID", "MERGE_MODES",
     "TokenState", "checked_gathers", "run_checked", "take_tokens", "PatchGrid",
 ]

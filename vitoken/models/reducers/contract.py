@@ -116,10 +116,15 @@ class Reducer(nn.Module):
   """
   layer: Optional[int] = 0  # None inside a scanned encoder: read `info.layer`
   context: Optional[ModelContext] = None
+  # Run on each time slice of a video separately (the entry's `per_slice`; see `run_reducer`).
+  per_slice: bool = False
 
   stages: ClassVar[Tuple[str, ...]] = (POST_ATTN,)
   needs: ClassVar[FrozenSet[str]] = frozenset()
   changes_shape: ClassVar[bool] = True  # False lets the ViT scan over layers
+  # True: what it keeps is still `state.slices` equal groups in time order (a tube mask);
+  # otherwise a change of the token count over all tokens leaves them unordered by slice.
+  keeps_slices: ClassVar[bool] = False
   proportional_attention: ClassVar[bool] = False  # add log(size) to attention logits
   track_source: ClassVar[bool] = False  # ask the ViT to initialise TokenState.source
   rng_streams: ClassVar[FrozenSet[str]] = frozenset()  # rng streams it draws from, also in eval
@@ -172,6 +177,30 @@ class Reducer(nn.Module):
     if num_out < state.num_prefix:
       raise ConfigError(f"{self.where}: {self.method_name()} would keep {num_out} tokens "
                         f"but {state.num_prefix} are protected (class/register tokens)")
+
+
+def run_reducer(reducer: Reducer, state: TokenState, info: BlockInfo, *, train: bool):
+  """Calls `reducer` at a stage. With `per_slice` (and a state of several time slices) it runs
+  on each slice as its own sequence (`TokenState.fold_slices`; the block information folded
+  alike, the class token's attention restricted to the slice), so any method can act within
+  frames. A reducer over all tokens that changes their count leaves them unordered by slice."""
+  if reducer.per_slice and state.slices > 1:
+    folded, prefix = state.fold_slices()
+    p, t = state.num_prefix, state.slices
+
+    def fold(a):
+      return None if a is None else a[:, p:].reshape((a.shape[0] * t, -1) + a.shape[2:])
+
+    new, aux = reducer(folded, info.replace(keys_mean=fold(info.keys_mean),
+                                            cls_attn=fold(info.cls_attn)), train=train)
+    if new.num_prefix:
+      raise ConfigError(f"{reducer.where}: {reducer.method_name()} added protected tokens to "
+                        "a time slice; it cannot run per_slice")
+    return state.unfold_slices(new, prefix), aux
+  new, aux = reducer(state, info, train=train)
+  if state.slices > 1 and new.num_tokens != state.num_tokens and not reducer.keeps_slices:
+    new = new.replace(slices=1)
+  return new, aux
 
 
 _REGISTRY: Dict[str, type] = {}

@@ -4,7 +4,10 @@
   embedding (each kept token then takes its own position through `ids`, which equals MAE's
   add-then-gather). It records `mask` and `ids_restore` for the decoder.
 - `mask_token` (SimMIM): a learned token replaces the masked patches' embeddings; nothing is
-  dropped, so the encoder sees every position.
+  dropped, so the encoder sees every position;
+- `tube_masking` (VideoMAE): keeps the tokens a tube mask leaves visible, in ascending position
+  (the reference's `x[~mask]`), so each time slice keeps the same positions and the state
+  stays ordered by slice.
 
 Both read their randomness from the model's `inputs` (batch fields the input pipeline draws),
 and `random_masking` draws from the "masking" rng stream when no noise is given.
@@ -70,3 +73,41 @@ class MaskToken(base.Reducer):
     w = mask.astype(state.x.dtype)[..., None]
     patches = state.x[:, p:] * (1 - w) + token * w
     return state.replace(x=jnp.concatenate([state.x[:, :p], patches], axis=1)), {}
+
+
+@base.register("tube_masking")
+class TubeMasking(base.Reducer):
+  mask_ratio: float = 0.9
+  mask_key: str = "tube_mask"  # the `inputs` entry with a [B, L] tube mask (1 = masked)
+  noise_key: str = "noise"  # else the entry with [B, h*w] noise to draw one from
+
+  stages = (base.PRE_POSEMB,)
+  changes_shape = True
+  keeps_slices = True  # the same positions stay visible in every time slice
+  rng_streams = frozenset({"masking"})
+
+  @classmethod
+  def layer_settings(cls, depth: int, mask_ratio: float = 0.9, mask_key: str = "tube_mask",
+                     noise_key: str = "noise"):
+    return {base.EMBED_LAYER: {"mask_ratio": masking_lib.check_mask_ratio(mask_ratio),
+                               "mask_key": mask_key, "noise_key": noise_key}}
+
+  def __call__(self, state, info, *, train=False):
+    p, frames = state.num_prefix, state.grid.frames
+    b, length = state.x.shape[0], state.num_tokens - p
+    positions = length // frames
+    masked = masking_lib.tube_mask_count(positions, self.mask_ratio)
+    mask = info.inputs.get(self.mask_key)
+    if mask is None:
+      noise = info.inputs.get(self.noise_key)
+      if noise is None:
+        noise = jax.random.uniform(self.make_rng("masking"), (b, positions))
+      masking_lib.check_noise(noise, b, positions, f"inputs[{self.noise_key!r}]")
+      mask = masking_lib.tube_mask(noise, self.mask_ratio, frames)
+    masking_lib.check_noise(mask, b, length, f"inputs[{self.mask_key!r}]")
+    keep = frames * (positions - masked)
+    # Visible tokens first, each group in position order (a stable sort of the 0/1 mask).
+    ids_keep = jnp.argsort(mask, axis=1, stable=True)[:, :keep]
+    prefix = jnp.broadcast_to(jnp.arange(p, dtype=ids_keep.dtype), (b, p))
+    state = state.gather(jnp.concatenate([prefix, p + ids_keep], axis=1))
+    return state, {"mask": mask.astype(jnp.float32)}

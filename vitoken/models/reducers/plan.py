@@ -27,9 +27,11 @@ class PlannedReducer:
   cls: type
   name: str  # the config entry's name: module name and carry owner
   kwargs: Tuple[Tuple[str, Any], ...]
+  per_slice: bool = False  # the entry's `per_slice`: run on each time slice separately
 
   def build(self, layer: Optional[int], context: Optional[ModelContext] = None) -> Reducer:
-    return self.cls(layer=layer, context=context, name=self.name, **dict(self.kwargs))
+    return self.cls(layer=layer, context=context, name=self.name, per_slice=self.per_slice,
+                    **dict(self.kwargs))
 
   def acts_at(self, stage: str) -> bool:
     return stage in self.cls.stages
@@ -92,7 +94,7 @@ class ReductionPlan:
     return {p.name: p.cls.layer_decay_group for p in self.embed}
 
 
-_ENTRY_KEYS = ("method", "name")
+_ENTRY_KEYS = ("method", "name", "per_slice")
 
 
 def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
@@ -128,13 +130,17 @@ def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
     name = settings.pop("name", method)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
       raise ConfigError(f"token_reduction entry name {name!r} must be an identifier")
+    per_slice = settings.pop("per_slice", False)
+    if not isinstance(per_slice, bool):
+      raise ConfigError(f"token_reduction {method!r}: per_slice must be true or false, got "
+                        f"{per_slice!r}")
     _check_settings(cls, settings)
     entry_flags = cls.plan_flags(settings)
     for layer, kwargs in cls.layer_settings(depth, **settings).items():
       if entry_flags.get("proportional_attention"):
         sees = layer == EMBED_LAYER or PRE_BLOCK in cls.stages
         proportional_from = min(proportional_from, max(layer, 0) if sees else layer + 1)
-      planned = PlannedReducer(cls, name, tuple(sorted(kwargs.items())))
+      planned = PlannedReducer(cls, name, tuple(sorted(kwargs.items())), per_slice)
       if layer == EMBED_LAYER:
         if PRE_POSEMB not in cls.stages:
           raise ConfigError(f"token_reduction {method!r} has no {PRE_POSEMB!r} stage, so it "
@@ -170,6 +176,7 @@ def _check_settings(cls, settings):
   extra = None
   if settings_lib.takes_var_keywords(cls.layer_settings):
     # Extra settings are forwarded to the module, so its fields are the schema.
-    extra = {f.name for f in dataclasses.fields(cls)} - {"layer", "context", "name", "parent"}
+    extra = {f.name for f in dataclasses.fields(cls)} - {"layer", "context", "name", "parent",
+                                                         "per_slice"}
   settings_lib.check_call(cls.layer_settings, settings, section, exclude=("depth",),
                           extra_allowed=extra)

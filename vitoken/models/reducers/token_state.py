@@ -49,6 +49,9 @@ class TokenState:
   num_prefix: int = flax.struct.field(pytree_node=False, default=0)
   # The patch grid of the initial sequence (a PatchGrid; a bare (gh, gw) is taken as one).
   grid: PatchGrid = flax.struct.field(pytree_node=False, default=EMPTY_GRID)
+  # The unprotected tokens form `slices` equal groups in time order (a video's time slices:
+  # grid.frames at the start); 1 once a reducer has mixed tokens across slices.
+  slices: int = flax.struct.field(pytree_node=False, default=1)
 
   def __post_init__(self):
     if not isinstance(self.grid, PatchGrid):
@@ -66,8 +69,9 @@ class TokenState:
     source = None
     if track_source:
       source = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (b, n, n))
+    grid = PatchGrid.coerce(grid)
     return cls(x=x, size=jnp.ones((b, n), jnp.float32), ids=ids, source=source,
-               num_prefix=num_prefix, grid=PatchGrid.coerce(grid))
+               num_prefix=num_prefix, grid=grid, slices=grid.frames)
 
   # ---- carried arrays ---------------------------------------------------------------------
   def put(self, owner: str, key: str, value, *, per_token: bool = False,
@@ -167,3 +171,38 @@ class TokenState:
     ids = cat(head.ids, jnp.full((b, s), LEARNED_ID, jnp.int32))
     return self.replace(x=cat(head.x, x), size=cat(head.size, new_size), ids=ids,
                         source=source, carry=carry)
+
+  # ---- time slices ------------------------------------------------------------------------
+  def fold_slices(self) -> Tuple["TokenState", "TokenState"]:
+    """(per-slice state, prefix state): the unprotected tokens as one sequence per time slice,
+    [B, P + T*n, ...] -> [B*T, n, ...] (no prefix, the slice's 2-D grid, ids and sources still
+    numbering the whole clip), and the protected tokens kept aside for `unfold_slices`. Global
+    carries pass through as they are (a per-slice method's own are in the folded layout)."""
+    t, p = self.slices, self.num_prefix
+    n = self.num_tokens - p
+    if n % t:
+      raise ValueError(f"{n} unprotected tokens do not split into {t} time slices")
+    b = self.x.shape[0]
+    folded = self.map_tokens(lambda a: a[:, p:].reshape((b * t, n // t) + a.shape[2:]))
+    prefix = self.map_tokens(lambda a: a[:, :p])
+    return folded.replace(num_prefix=0, slices=1, grid=self.grid.slice_grid()), prefix
+
+  def unfold_slices(self, folded: "TokenState", prefix: "TokenState") -> "TokenState":
+    """The inverse of `fold_slices` after a reducer ran on the folded state: [B*T, n', ...]
+    -> [B, P + T*n', ...], time slices still in order, `slices` kept."""
+    b, t = prefix.x.shape[0], self.slices
+
+    def join(head, tail, fill):
+      tail = tail.reshape((b, t * tail.shape[1]) + tail.shape[2:])
+      if head is None:
+        head = jnp.full((b, self.num_prefix) + tail.shape[2:], fill, tail.dtype)
+      return jnp.concatenate([head.astype(tail.dtype), tail], axis=1)
+
+    fields = {name: None for name in ("source", "mask", "policy")}
+    for name, tail in folded.per_token_fields().items():
+      fields[name] = join(getattr(prefix, name), tail, {"mask": True, "policy": 1.0}.get(name, 0))
+    per_token = dict(folded.per_token)
+    carry = {k: v for k, v in folded.carry.items() if k not in per_token}
+    for key in per_token:
+      carry[key] = join(prefix.carry.get(key), folded.carry[key], 0)
+    return self.replace(carry=carry, per_token=folded.per_token, **fields)

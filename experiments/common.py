@@ -135,11 +135,31 @@ def markdown_table(rows: List[Dict], columns: Sequence[str]) -> str:
 
 
 def write_results(out_dir: str, name: str, rows: List[Dict], table: str, meta: Dict) -> None:
+  """<out_dir>/<name>.json (meta and rows) and <name>.md (the table, meta in a comment)."""
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  save_json(os.path.join(out_dir, f"{name}.json"), {"meta": meta, "rows": rows})
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-    f.write(f"<!-- {json.dumps(meta)} -->\n{table}\n")
+    f.write(f"<!-- {json.dumps(meta, default=_plain)} -->\n{table}\n")
+
+
+def load_json(path: str) -> Dict:
+  """The JSON at `path`, {} when there is none (a cache not written yet)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_json(path: str, value) -> None:
+  """Writes `value` to `path` atomically (a killed run leaves the old file whole)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1, default=_plain)
+  os.replace(path + ".tmp", path)
+
+
+def _plain(value):
+  return value.item() if hasattr(value, "item") else str(value)
 
 
 def device_name() -> str:

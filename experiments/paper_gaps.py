@@ -1,7 +1,7 @@
 """Where a digits result contradicts its paper, runs that find out why: TokenLearner with 16
 tokens against 8, and DynamicViT's gap to dense. (SimMIM's: experiments/simmim_diagnosis.py.)
 
-  python experiments/paper_gaps.py --sweep_workroot=/tmp/vitoken_sweep     # ~30 min on 2 CPU cores
+  python experiments/paper_gaps.py --sweep_workroot=/tmp/vitoken_sweep     # its runs: 6 x 1,500 + 2,000 steps
   python experiments/paper_gaps.py --small --sweep_workroot=/tmp/sweep_small
 
 TokenLearner (configs/token_learners.py, trained from scratch as in docs/token_learners.md's

@@ -148,7 +148,7 @@ def _evaluate(row: Row, seed: int, args, cache: Dict[str, Dict]) -> Dict:
     predict = jax.jit(lambda x: model.apply({"params": params}, x)[0])
     acc, total = common.accuracy(predict, config.data)
     cache[key] = {"accuracy": acc, "examples": total}
-    _save_json(os.path.join(args.workroot, "evaluations.json"), cache)
+    common.save_json(os.path.join(args.workroot, "evaluations.json"), cache)
   return cache[key]
 
 
@@ -270,7 +270,7 @@ def main(argv=None):
   start = time.time()
   rows = plan(methods, budgets)
   summaries: Dict[str, Dict] = {}
-  cache = _load_json(os.path.join(args.workroot, "evaluations.json"))
+  cache = common.load_json(os.path.join(args.workroot, "evaluations.json"))
   for row in rows:
     _train(row, 0, args, summaries)
   first = {row: _evaluate(row, 0, args, cache)["accuracy"] for row in rows}
@@ -299,10 +299,7 @@ def main(argv=None):
                               {k: summaries.get(k, {}).get("wall_time_s")
                                for k in (DENSE_BASE, MAE_BASE)}),
           "sweep wall s": time.time() - start}
-  os.makedirs(args.out, exist_ok=True)
-  _save_json(os.path.join(args.out, f"{args.name}.json"), {"meta": meta, "rows": results})
-  with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-    f.write(f"<!-- {json.dumps(meta)} -->\n{text}\n")
+  common.write_results(args.out, args.name, results, text, meta)
   plot(results, os.path.join(args.out, f"{args.name}.png"), meta)
   return results, meta
 
@@ -349,20 +346,6 @@ def plot(rows: List[Dict], path: str, meta: Dict) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-def _load_json(path: str) -> Dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
-
-
-def _save_json(path: str, value) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1, default=str)
-  os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def test_eval_batch_equals_timms_normalized_tensor(interpolation):
   example = transforms.EvalExample(settings, 3)
   batch = [example.map(({"image": image, "label": 0}, 0)) for image in images]
   batch = {k: np.stack([b[k] for b in batch]) for k in batch[0]}
-  got = transforms.EvalBatch(settings, 2).map(batch)["image"]
+  got = transforms.EvalBatch(settings, (2,)).map(batch)["image"]
   want = np.stack([_timm_eval(image, 224, 0.875, interpolation, normalize=True)
                    for image in images])
   # Same pixels; only the order of the float ops differs (one fused scale-and-shift).
@@ -251,8 +251,8 @@ def test_erasing_probability_over_many_images():
   settings = config_lib.Settings.parse({"random_erasing": 0.25, "random_erasing_mode": "const",
                                         "mean": (0.0,), "std": (1 / 255,)})
   images = np.full((8000, 16, 16, 1), 3, np.uint8)  # 3 after normalising; erased: 0
-  out = transforms.TrainBatch(settings, 2).random_map(
-      {"image": images, "label": np.zeros(8000, np.int32)}, np.random.default_rng(2))["image"]
+  out = transforms.TrainBatch(settings, (2,)).random_map(
+      {"image": images, "label": np.zeros((8000, 1), np.int32)}, np.random.default_rng(2))["image"]
   erased = (out == 0).any((1, 2, 3)).mean()
   assert abs(erased - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 8000), erased
 
@@ -306,7 +306,8 @@ def test_erase_fills_as_timm():
 
 def test_train_batch_erases_before_mixing_and_draws_nothing_when_off():
   images = np.random.default_rng(3).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
-  batch = {"image": images, "label": np.arange(6, dtype=np.int32) % 4}
+  # Labels as the examples give them: one column per label key.
+  batch = {"image": images, "label": (np.arange(6, dtype=np.int32) % 4)[:, None]}
   mix = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}
 
   def expected(erasing, seed):
@@ -314,16 +315,16 @@ def test_train_batch_erases_before_mixing_and_draws_nothing_when_off():
     x = ops.normalize(images, (0.5,), (0.5,))
     if erasing:
       x = ops.random_erasing(x, rng, 1.0, "pixel", 2)
-    return ops.mix_batch(x, ops.one_hot(batch["label"], 4), rng, **mix)
+    return ops.mix_batch(x, ops.one_hot(batch["label"][:, 0], 4), rng, **mix)
 
   for seed in range(4):
     off = config_lib.Settings.parse(mix)
-    got = transforms.TrainBatch(off, 4).random_map(dict(batch), np.random.default_rng(seed))
+    got = transforms.TrainBatch(off, (4,)).random_map(dict(batch), np.random.default_rng(seed))
     want = expected(False, seed)
     np.testing.assert_array_equal(got["image"], want[0])
     np.testing.assert_array_equal(got["labels"], want[1])
     on = config_lib.Settings.parse({**mix, "random_erasing": 1.0, "random_erasing_count": 2})
-    got = transforms.TrainBatch(on, 4).random_map(dict(batch), np.random.default_rng(seed))
+    got = transforms.TrainBatch(on, (4,)).random_map(dict(batch), np.random.default_rng(seed))
     want = expected(True, seed)
     np.testing.assert_array_equal(got["image"], want[0])
     np.testing.assert_array_equal(got["labels"], want[1])

@@ -20,7 +20,7 @@ SPEC_KEYS = {"name", "folder", "data_dir", "train_split", "eval_split", "image_s
              "mixup_alpha", "cutmix_alpha", "mix_prob", "worker_count", "build", "shuffle",
              "train_examples", "crop_pct", "interpolation", "random_erasing",
              "random_erasing_mode", "random_erasing_count", "randaugment", "eval_splits",
-             "repeated_augmentation"}
+             "repeated_augmentation", "label_keys", "frames", "first_frame"}
 CLASSES = ("ant", "bee", "cat")  # label of example id i: i % 3
 
 
@@ -84,6 +84,7 @@ def test_cluttered_digits_info_and_batches(digits_dir):
   info = pipeline.dataset_info(config)
   assert info == pipeline.DataInfo(num_classes=10, image_shape=(64, 64, 1),
                                    train_examples=1000, eval_examples=300)
+  assert info.label_splits() == (("label", 10),)
   batch = next(pipeline.train_iterator(config, global_batch_size=16, seed=0))
   assert batch["image"].shape == (16, 64, 64, 1) and batch["image"].dtype == np.float32
   assert batch["labels"].shape == (16, 10) and batch["labels"].dtype == np.float32

@@ -10,6 +10,7 @@ from experiments import (
   token_pruning,
   tome_accuracy,
   tome_benchmark,
+  video,
 )
 from vitoken.train import trainer
 
@@ -98,3 +99,35 @@ def test_token_pruning_fine_tunes_evaluates_and_times_every_variant(tmp_path):
   assert all(r["FLOPs vs dense"] < 1 for name, r in rows.items() if not name.startswith("dense"))
   for name in ("token_pruning.png", "token_pruning_survivors.png", "token_pruning.md"):
     assert os.path.exists(tmp_path / "out" / name)
+
+
+def test_video_trains_evaluates_and_times_every_row(tmp_path):
+  rows, meta = video.main(["--small", "--workroot", str(tmp_path / "runs"), "--batch", "4",
+                           "--windows", "2", "--iters", "1", "--out", str(tmp_path / "out")])
+  by_run = {r["run"]: r for r in rows}
+  assert list(by_run) == list(video.ROWS)
+  # The tiny test split, both labels, every row timed.
+  assert all(r["examples"] == 64 and r["clips/s"] > 0 for r in rows)
+  assert all(0 <= r["digit (%)"] <= 100 and 0 <= r["direction (%)"] <= 100 for r in rows)
+  # Token counts per block (smoke models have 2 blocks): 2 x 8 x 8 tubelets, one frame 64;
+  # TokenLearner 8 per slice after block 1; ToMe's two modes on one schedule.
+  assert by_run["scratch"]["tokens"] == "128>128>128"
+  assert by_run["frame"]["tokens"] == "64>64>64"
+  assert by_run["tl8"]["tokens"] == "128>128>16"
+  assert by_run["tome_st32"]["tokens"] == by_run["tome_slice16"]["tokens"] == "128>96>64"
+  assert by_run["tome_st56"]["tokens"] == by_run["tome_slice28"]["tokens"] == "128>72>36"
+  assert all(r["x dense FLOPs"] < 1 for n, r in by_run.items() if n.startswith(("tl", "tome")))
+  assert by_run["scratch"]["Δ direction (points)"] == 0 and by_run["scratch"]["vs"] == "scratch"
+  # ToMe on the inflated params compares with the inflated run.
+  assert by_run["inflated_tome_st56"]["vs"] == "inflated"
+  assert by_run["inflated_tome_st56"]["tokens"] == "128>72>36"
+  # Off-the-shelf rows reuse the scratch run; pretraining stays out of the rows' own time.
+  assert all(by_run[n]["train s"] == 0 for n in video.OFF_THE_SHELF)
+  assert set(meta["pretraining train s"]) == set(video.PRETRAINING)
+  for name in ("video.json", "video.md", "video.png", "video_reconstructions.png"):
+    assert os.path.exists(tmp_path / "out" / name)
+  # A second call reuses every run and evaluation.
+  again, _ = video.main(["--small", "--workroot", str(tmp_path / "runs"), "--batch", "4",
+                         "--windows", "1", "--iters", "1", "--out", str(tmp_path / "out2")])
+  assert [(r["run"], r["digit (%)"], r["train s"]) for r in again] == [
+      (r["run"], r["digit (%)"], r["train s"]) for r in rows]

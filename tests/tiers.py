@@ -15,6 +15,7 @@ SLOW_FILES = (
     "test_colabs.py",
     "test_train_processes.py",
     "test_loading.py",
+    "test_video_train.py",  # video classifiers and VideoMAE pretraining that must learn
 )
 
 # Fixtures that train a run (trainer.run), fit a tokenizer or run a subprocess of

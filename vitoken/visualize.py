@@ -170,6 +170,35 @@ def reconstruction_grid(original, masked, reconstruction, pixel_mask, *, gap: in
   return (picture * 255).round().astype(np.uint8)
 
 
+def clip_reconstruction_grid(original, pixel_mask, reconstruction, *, gap: int = 2) -> np.ndarray:
+  """uint8 picture of clips [B, T, H, W, C]: per clip three rows of its T frames, left to right:
+  the original, the masked input (masked tubelets grey) and the reconstruction with the visible
+  tubelets pasted back. Each clip is scaled to [0, 1] by its original's range."""
+  original = np.asarray(original, np.float32)
+  pixel_mask = np.asarray(pixel_mask, np.float32)
+  reconstruction = np.asarray(reconstruction, np.float32)
+  if not original.shape == pixel_mask.shape == reconstruction.shape or original.ndim != 5:
+    raise ValueError("clip_reconstruction_grid needs three [B, T, H, W, C] arrays of one shape, "
+                     f"got {[a.shape for a in (original, pixel_mask, reconstruction)]}")
+  def stack(parts, axis, width):
+    shape = list(parts[0].shape)
+    shape[axis] = width
+    sep = np.ones(shape, np.float32)
+    return np.concatenate([p for part in parts for p in (part, sep)][:-1], axis=axis)
+
+  clips = []
+  for clip, mask, rec in zip(original, pixel_mask, reconstruction):
+    lo, hi = float(clip.min()), float(clip.max())
+    scale = lambda a: np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)  # noqa: E731
+    rows = []
+    for row in (scale(clip), np.where(mask > 0, 0.5, scale(clip)),
+                scale(np.where(mask > 0, rec, clip))):
+      row = np.repeat(row, 3, axis=-1) if row.shape[-1] == 1 else row[..., :3]
+      rows.append(stack(list(row), 1, gap))  # frames left to right
+    clips.append(stack(rows, 0, gap))
+  return (stack(clips, 0, 3 * gap) * 255).round().astype(np.uint8)
+
+
 def png_bytes(picture: np.ndarray, *, scale: int = 1) -> bytes:
   """A uint8 [H, W, 3] picture as PNG bytes (nearest-neighbour upscaled by `scale`)."""
   pic = Image.fromarray(np.asarray(picture, np.uint8))

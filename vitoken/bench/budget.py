@@ -123,11 +123,16 @@ def accuracy(model, params, data_config, *, batch_size: int = 256) -> Tuple[floa
 
 def predict_accuracy(predict, data_config, *, batch_size: int = 256) -> Tuple[float, int]:
   """(top-1 accuracy, examples) of `predict(images) -> logits` over the whole eval split of
-  `data_config`, padded batches masked out, as the trainer's eval counts them."""
+  `data_config`, padded batches masked out, as the trainer's eval counts them. With several
+  label keys (a head each), the mean of the keys' accuracies, as the classification task's."""
+  splits = [n for _, n in pipeline.dataset_info(data_config).label_splits()]
+  bounds = np.cumsum([0] + splits)
   correct = total = 0
   for b in pipeline.eval_iterator(data_config, global_batch_size=batch_size):
-    pred = np.asarray(predict(b["image"])).argmax(-1)
-    correct += int(((pred == b["labels"].argmax(-1)) & b["mask"]).sum())
+    logits = np.asarray(predict(b["image"]))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+      pred, label = logits[:, lo:hi].argmax(-1), b["labels"][:, lo:hi].argmax(-1)
+      correct += int(((pred == label) & b["mask"]).sum()) / len(splits)
     total += int(b["mask"].sum())
   return correct / max(total, 1), total
 

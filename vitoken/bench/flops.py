@@ -33,7 +33,7 @@ def token_counts(model, params, images) -> Tuple[List[int], List[int]]:
   else:
     counts = [int(v.shape[1]) for _, v in sorted(blocks.items())]
     attended = [int(v.shape[-1]) for _, v in sorted(attention.items())]
-  return [model.patch_grid(images.shape[1:3]).num_patches + model.num_prefix] + counts, attended
+  return [model.patch_grid(images.shape[1:-1]).num_patches + model.num_prefix] + counts, attended
 
 
 def tokens_string(counts: List[int]) -> str:

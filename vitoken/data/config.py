@@ -61,6 +61,14 @@ DEFAULTS: Dict[str, Any] = {
     # times in a row, the copies spread over the processes and augmented apart; an epoch keeps
     # its length, so it shows 1/n of the images. 1 is off; DeiT uses 3.
     "repeated_augmentation": 1,
+    # The dataset's integer features used as labels, each one-hot with its own classes and
+    # concatenated in this order in batch["labels"]; classification puts one head on each
+    # (e.g. ("label", "direction") for moving_digits) and reports accuracy/<key>.
+    "label_keys": ("label",),
+    # Clips: keep `frames` frames from `first_frame` on (frames=1, first_frame=4: one middle
+    # frame); frames None keeps all from first_frame.
+    "frames": None,
+    "first_frame": 0,
     "train_examples": None,  # cap on the train split (smoke tests); None = all of it
     "eval_examples": None,  # cap on the eval split (smoke tests); None = all of it
 }
@@ -70,7 +78,7 @@ _SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 # Keys whose default is None but whose value has a type, so `--config.data.<key>=...` can
 # override them on the command line.
 _TYPED_NONE = {"folder": str, "data_dir": str, "train_examples": int, "eval_examples": int,
-               "crop_pct": float}
+               "crop_pct": float, "frames": int}
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -109,6 +117,9 @@ class Settings:
   build: bool
   shuffle: bool
   repeated_augmentation: int
+  label_keys: Tuple[str, ...]
+  frames: Optional[int]
+  first_frame: int
   train_examples: Optional[int]
   eval_examples: Optional[int]
 
@@ -132,6 +143,7 @@ class Settings:
       if settings_lib.is_count(values[key]):
         values[key] = int(values[key])
     values["eval_splits"] = _named_splits(values["eval_splits"])
+    values["label_keys"] = _label_keys(values["label_keys"])
     settings = cls(**values)
     settings.validate()
     return settings
@@ -168,12 +180,33 @@ class Settings:
     _check(settings_lib.is_count(self.repeated_augmentation),
            f"repeated_augmentation must be an int >= 1 (1 is off, DeiT uses 3), got "
            f"{self.repeated_augmentation!r}")
+    mirrored = [k for k in self.label_keys if k in MIRRORED_LABELS]
+    _check(not (self.flip and mirrored),
+           f"flip=True mirrors left and right, which changes the {mirrored} label(s) of "
+           f"label_keys={self.label_keys} (a clip moving east would be labelled east but move "
+           f"west); set data.flip=False")
     _check(isinstance(self.worker_count, (int, np.integer)) and self.worker_count >= 0,
            f"worker_count must be an int >= 0, got {self.worker_count!r}")
-    for key in ("train_examples", "eval_examples"):
+    _check(isinstance(self.first_frame, (int, np.integer)) and self.first_frame >= 0,
+           f"first_frame must be an int >= 0, got {self.first_frame!r}")
+    for key in ("train_examples", "eval_examples", "frames"):
       value = getattr(self, key)
       _check(value is None or (isinstance(value, (int, np.integer)) and value > 0),
              f"{key} must be None or a positive int, got {value!r}")
+
+
+# Labels a horizontal flip changes, so `flip` is refused with them.
+MIRRORED_LABELS = ("direction",)
+
+
+def _label_keys(value) -> Tuple[str, ...]:
+  if isinstance(value, str):
+    value = (value,)
+  keys = tuple(value) if isinstance(value, (tuple, list)) else None
+  if not keys or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
+    raise ConfigError(f"data.label_keys must be a non-empty tuple of distinct feature names, "
+                      f"e.g. ('label',) or ('label', 'direction'), got {value!r}")
+  return keys
 
 
 def _named_splits(value) -> Tuple[Tuple[str, str], ...]:

@@ -55,6 +55,17 @@ def decode(value: Union[bytes, Image.Image, np.ndarray], channels: Optional[int]
                   "expected bytes, a PIL image or a numpy array")
 
 
+def decode_clip(value: np.ndarray, channels: Optional[int] = None) -> np.ndarray:
+  """A clip's uint8 array [T, H, W, C] (a TFDS Tensor feature) -> uint8 [T, H, W, channels],
+  each frame as `decode` converts it."""
+  clip = np.asarray(value)
+  if clip.dtype != np.uint8 or clip.ndim != 4:
+    raise ValueError(f"clips must be uint8 arrays [T, H, W, C], got {clip.dtype} {clip.shape}")
+  if channels is None or channels == clip.shape[-1]:
+    return clip
+  return np.stack([_from_array(frame, channels) for frame in clip])
+
+
 def _from_pil(image: Image.Image, channels: Optional[int]) -> np.ndarray:
   channels = channels or channels_of_mode(image.mode)
   image = image.convert("L" if channels == 1 else "RGB")
@@ -81,15 +92,19 @@ def _from_array(array: np.ndarray, channels: Optional[int]) -> np.ndarray:
 
 def resize(image: np.ndarray, size: Union[int, Tuple[int, int]],
            interpolation: str = "bilinear") -> np.ndarray:
-  """Antialiased resize (PIL) of uint8 [H, W, C] to [size, size, C] or [h, w, C].
+  """Antialiased resize (PIL) of uint8 [H, W, C] to [size, size, C] or [h, w, C] (a clip
+  [T, H, W, C] frame by frame).
 
   `interpolation` is a key of `INTERPOLATIONS`; PIL widens the kernel when shrinking.
   """
   height, width = (size, size) if isinstance(size, int) else size
-  if image.shape[:2] == (height, width):
+  if image.shape[-3:-1] == (height, width):
     return image
+  if image.ndim == 4:  # a clip [T, H, W, C]: every frame alike
+    return np.stack([resize(frame, (height, width), interpolation) for frame in image])
   if image.dtype != np.uint8 or image.ndim != 3:
-    raise ValueError(f"resize takes uint8 [H, W, C], got {image.dtype} {image.shape}")
+    raise ValueError(f"resize takes uint8 [H, W, C] or [T, H, W, C], got {image.dtype} "
+                     f"{image.shape}")
   if interpolation not in INTERPOLATIONS:
     raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, "
                      f"got {interpolation!r}")
@@ -107,19 +122,20 @@ def _resize_pil(array: np.ndarray, width: int, height: int, resample) -> np.ndar
 
 
 def center_crop(image: np.ndarray, size: Union[int, Tuple[int, int]]) -> np.ndarray:
-  """torchvision's CenterCrop of [H, W, C]: zero-padded first where `size` exceeds the image."""
+  """torchvision's CenterCrop of [H, W, C] (or a clip [T, H, W, C], every frame alike):
+  zero-padded first where `size` exceeds the image."""
   crop_h, crop_w = (size, size) if isinstance(size, int) else size
-  height, width = image.shape[:2]
+  height, width = image.shape[-3:-1]
   if crop_h > height or crop_w > width:
     pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
-    image = np.pad(image, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2),
-                           (0, 0)))
-    height, width = image.shape[:2]
+    image = np.pad(image, ((0, 0),) * (image.ndim - 3) + (
+        (pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+    height, width = image.shape[-3:-1]
   # Python's round (half to even), as torchvision: an odd margin of 1 puts the extra row at
   # the bottom, one of 3 at the top.
   top = int(round((height - crop_h) / 2.0))
   left = int(round((width - crop_w) / 2.0))
-  return image[top:top + crop_h, left:left + crop_w]
+  return image[..., top:top + crop_h, left:left + crop_w, :]
 
 
 def resize_center_crop(image: np.ndarray, size: Union[int, Tuple[int, int]], crop_pct: float,
@@ -131,7 +147,7 @@ def resize_center_crop(image: np.ndarray, size: Union[int, Tuple[int, int]], cro
   """
   crop_h, crop_w = (size, size) if isinstance(size, int) else size
   scale_h, scale_w = math.floor(crop_h / crop_pct), math.floor(crop_w / crop_pct)
-  height, width = image.shape[:2]
+  height, width = image.shape[-3:-1]
   if scale_h == scale_w:
     # torchvision's Resize(int): the shorter side exactly, the longer one truncated.
     short, long = min(height, width), max(height, width)
@@ -181,14 +197,15 @@ def random_resized_crop(image: np.ndarray, size: Union[int, Tuple[int, int]],
                         rng: np.random.Generator, scale: Sequence[float] = (0.08, 1.0),
                         ratio: Sequence[float] = (3 / 4, 4 / 3),
                         interpolation: str = "bilinear") -> np.ndarray:
-  """Random area/aspect crop of uint8 [H, W, C], resized to `size`."""
-  top, left, crop_h, crop_w = random_resized_crop_box(*image.shape[:2], rng, scale, ratio)
-  return resize(image[top:top + crop_h, left:left + crop_w], size, interpolation)
+  """Random area/aspect crop of uint8 [H, W, C], resized to `size`; a clip [T, H, W, C] gets
+  one box for all its frames."""
+  top, left, crop_h, crop_w = random_resized_crop_box(*image.shape[-3:-1], rng, scale, ratio)
+  return resize(image[..., top:top + crop_h, left:left + crop_w, :], size, interpolation)
 
 
 def flip(image: np.ndarray) -> np.ndarray:
-  """Horizontal flip of [H, W, C]."""
-  return image[:, ::-1]
+  """Horizontal flip of [H, W, C] (or of every frame of a clip [T, H, W, C])."""
+  return image[..., ::-1, :]
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -240,7 +257,8 @@ def random_erasing_boxes(height: int, width: int, rng: np.random.Generator,
 def erase(image: np.ndarray, box: Tuple[int, int, int, int], mode: str,
           rng: np.random.Generator) -> None:
   """Fills `box` (top, left, h, w) of a normalised float image [H, W, C] in place (see
-  `ERASING_MODES`); the random fills are standard normal, i.e. in normalised units."""
+  `ERASING_MODES`); the random fills are standard normal, i.e. in normalised units. A clip
+  [T, H, W, C] has the box erased in every frame, with the same fill."""
   top, left, box_h, box_w = box
   channels = image.shape[-1]
   if mode == "pixel":
@@ -251,18 +269,29 @@ def erase(image: np.ndarray, box: Tuple[int, int, int, int], mode: str,
     fill = 0.0
   else:
     raise ValueError(f"mode must be one of {ERASING_MODES}, got {mode!r}")
-  image[top:top + box_h, left:left + box_w] = fill
+  image[..., top:top + box_h, left:left + box_w, :] = fill
 
 
 def random_erasing(images: np.ndarray, rng: np.random.Generator, probability: float,
                    mode: str = "pixel", max_count: int = 1) -> np.ndarray:
-  """timm's RandomErasing of normalised float images [B, H, W, C], image by image; writes
-  into `images` (so a batch is not copied) and returns it."""
-  height, width = images.shape[1:3]
+  """timm's RandomErasing of normalised float images [B, H, W, C] (or clips [B, T, H, W, C],
+  one box for all frames), image by image; writes into `images` (so a batch is not copied)
+  and returns it."""
+  height, width = images.shape[-3:-1]
   for image in images:
     for box in random_erasing_boxes(height, width, rng, probability, max_count):
       erase(image, box, mode, rng)
   return images
+
+
+def one_hot_keys(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+  """int labels [B, K] (one column per label key) -> float32 [B, sum(classes)]: the one-hot
+  vectors of the keys side by side (with one key, `one_hot` of it)."""
+  labels = np.asarray(labels)
+  if labels.ndim != 2 or labels.shape[1] != len(classes):
+    raise ValueError(f"labels must be [B, {len(classes)}] (one column per label key), got "
+                     f"{labels.shape}")
+  return np.concatenate([one_hot(labels[:, k], n) for k, n in enumerate(classes)], axis=-1)
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -298,15 +327,16 @@ def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator
 
 def cutmix(images: np.ndarray, targets: np.ndarray, lam: float, rng: np.random.Generator
            ) -> Tuple[np.ndarray, np.ndarray, float]:
-  """Pastes a box of x[::-1] into x [B, H, W, C]; targets mix by the pasted area.
+  """Pastes a box of x[::-1] into x [B, H, W, C] (clips [B, T, H, W, C]: the same box in
+  every frame); targets mix by the pasted area.
 
   Returns (images, targets, lam) with lam = 1 - box area / image area: the box is
   clipped at the border, so the sampled lambda is corrected to what was really pasted.
   """
-  height, width = images.shape[1:3]
+  height, width = images.shape[-3:-1]
   y0, y1, x0, x1 = cutmix_box(height, width, lam, rng)
   images = np.array(images, dtype=np.float32, copy=True)
-  images[:, y0:y1, x0:x1] = images[::-1, y0:y1, x0:x1]
+  images[..., y0:y1, x0:x1, :] = images[::-1, ..., y0:y1, x0:x1, :]
   lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
   lam32 = np.float32(lam)
   mixed_targets = (targets * lam32 + targets[::-1] * (1 - lam32)).astype(np.float32)

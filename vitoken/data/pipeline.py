@@ -3,6 +3,8 @@
     info = dataset_info(config.data)                    # classes, image shape, split sizes
     train = train_iterator(config.data, global_batch_size=256, seed=0)
     batch = next(train)   # {"image": f32 [B, H, W, C], "labels": f32 [B, num_classes]}
+                          # clips: "image" f32 [B, T, H, W, C]; several label_keys: their
+                          # one-hot vectors side by side in "labels"
     state = train.get_state()                         # or grain.checkpoint.CheckpointSave(train)
     for batch in eval_iterator(config.data, global_batch_size=256):
       ...   # {"image", "labels": f32 [B, num_classes] (zero rows = padding), "mask": bool [B]}
@@ -100,10 +102,10 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
   # random_map draws from the element's position in this process's stream, so the copies of a
   # repeated image (at different positions or processes) are augmented differently.
   dataset = (examples
-             .random_map(transforms.TrainExample(settings, split.channels),
+             .random_map(transforms.TrainExample(settings, split.channels, split.frames),
                          seed=stream_seed(_EXAMPLE_STREAM))
              .batch(local_batch, drop_remainder=True)
-             .random_map(transforms.TrainBatch(settings, split.num_classes),
+             .random_map(transforms.TrainBatch(settings, split.class_counts),
                          seed=stream_seed(_BATCH_STREAM)))
   dataset = _with_task_fields(dataset, labels, batch_fields, stream_seed(_TASK_STREAM))
   return _iterate(dataset, settings.worker_count)
@@ -132,9 +134,9 @@ def eval_iterator(data_config, *, global_batch_size: int,
   num_batches = math.ceil(len(split.source) / global_batch_size)
   padded = sources.PaddedSource(split.source, num_batches * global_batch_size)
   dataset = (grain.MapDataset.source(padded)[process_index::process_count]
-             .map(transforms.EvalExample(settings, split.channels))
+             .map(transforms.EvalExample(settings, split.channels, split.frames))
              .batch(local_batch, drop_remainder=True)
-             .map(transforms.EvalBatch(settings, split.num_classes)))
+             .map(transforms.EvalBatch(settings, split.class_counts)))
   dataset = _with_task_fields(dataset, labels, batch_fields,
                               _stream_seed(seed, process_index, _TASK_STREAM))
   return _iterate(dataset, settings.worker_count)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from vitoken.data import cluttered_digits, ops
+from vitoken.data import cluttered_digits, moving_digits, ops  # noqa: F401  (moving_digits: registers its TFDS builder)
 from vitoken.data.config import Settings
 from vitoken.errors import DataError, MissingPathError
 
@@ -28,10 +28,28 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-  num_classes: int
-  image_shape: tuple  # (H, W, C) of the images the pipeline yields (after resize/crop)
+  num_classes: int  # all label keys together: the width of batch["labels"]
+  # (H, W, C) of the images the pipeline yields (after resize/crop); (T, H, W, C) for clips
+  image_shape: tuple
   train_examples: int
   eval_examples: int
+  # (key, classes) per label key, in batch["labels"]'s order; empty = the default, one key
+  # "label" with num_classes
+  label_classes: Tuple[Tuple[str, int], ...] = ()
+
+  @property
+  def image_size(self) -> Tuple[int, int]:
+    """(H, W) of an image or of a clip's frames."""
+    return tuple(self.image_shape[-3:-1])
+
+  @property
+  def frames(self) -> Optional[int]:
+    """Frames per clip; None for images."""
+    return self.image_shape[0] if len(self.image_shape) == 4 else None
+
+  def label_splits(self) -> Tuple[Tuple[str, int], ...]:
+    """(key, classes) of each label key (("label", num_classes) when not given)."""
+    return self.label_classes or (("label", self.num_classes),)
 
 
 def dataset_info(data_config) -> DataInfo:
@@ -41,17 +59,30 @@ def dataset_info(data_config) -> DataInfo:
   evaluation = open_split(settings, settings.eval_split, settings.eval_examples)
   for _, split in settings.eval_splits:
     open_split(settings, split, settings.eval_examples)  # a missing split fails now, not at eval
+  image_shape = (settings.image_size, settings.image_size, train.channels)
   return DataInfo(num_classes=train.num_classes,
-                  image_shape=(settings.image_size, settings.image_size, train.channels),
-                  train_examples=len(train.source), eval_examples=len(evaluation.source))
+                  image_shape=image_shape if train.frames is None else (train.frames, *image_shape),
+                  train_examples=len(train.source), eval_examples=len(evaluation.source),
+                  # One key named "label" is the default: left implicit, as before label_keys.
+                  label_classes=(() if settings.label_keys == ("label",)
+                                 else train.label_classes))
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
   source: Any  # random access: len(source), source[i] -> {"image": ..., "label": int, ...};
   # a grain MapDataset once `open_split` returns it
-  num_classes: int
+  label_classes: Tuple[Tuple[str, int], ...]  # (key, classes) per label key
   channels: int
+  frames: Optional[int] = None  # clips: frames per clip (the image is [T, H, W, C])
+
+  @property
+  def num_classes(self) -> int:
+    return sum(n for _, n in self.label_classes)
+
+  @property
+  def class_counts(self) -> Tuple[int, ...]:
+    return tuple(n for _, n in self.label_classes)
 
 
 class PaddedSource:
@@ -97,15 +128,43 @@ def _open_tfds(settings: Settings, split: str) -> Split:
   except ValueError as e:
     raise DataError(f"dataset {settings.name!r} has no split {split!r}: {e}") from None
   features = builder.info.features
-  for key in ("image", "label"):
+  for key in ("image", *settings.label_keys):
     if key not in features:
       raise DataError(f"dataset {settings.name!r} has no {key!r} feature (features: "
-                      f"{sorted(features.keys())}); the pipeline reads 'image' and 'label'")
-  channels = features["image"].shape[-1] or 3
+                      f"{sorted(features.keys())}); the pipeline reads 'image' and the "
+                      f"label_keys {settings.label_keys}")
+  for key in settings.label_keys:
+    if getattr(features[key], "num_classes", None) is None:
+      raise DataError(f"dataset {settings.name!r}'s feature {key!r} is not a class label "
+                      f"(label_keys {settings.label_keys}); pick ClassLabel features")
+  shape = features["image"].shape
+  channels = shape[-1] or 3
   if channels not in (1, 3):
     raise DataError(f"dataset {settings.name!r} has {channels}-channel images; "
                     f"the pipeline takes 1 or 3")
-  return Split(source=source, num_classes=features["label"].num_classes, channels=channels)
+  frames = shape[0] if len(shape) == 4 else None
+  if frames is not None:
+    _check_clip_settings(settings)
+  if settings.frames is not None or settings.first_frame:
+    wanted = (settings.frames or 1) + settings.first_frame
+    if frames is None or wanted > frames:
+      raise DataError(
+          f"data.frames={settings.frames}, data.first_frame={settings.first_frame}: dataset "
+          f"{settings.name!r} holds "
+          + ("images, not clips; set data.frames=None and data.first_frame=0" if frames is None
+             else f"clips of {frames} frames, frames {settings.first_frame} to {wanted - 1} "
+                  "are not all there"))
+    frames = (settings.frames if settings.frames is not None
+              else frames - settings.first_frame)
+  return Split(source=source, channels=channels, frames=frames,
+               label_classes=tuple((k, features[k].num_classes) for k in settings.label_keys))
+
+
+def _check_clip_settings(settings: Settings) -> None:
+  """Augmentations the clip pipeline does not implement are refused, never applied per frame."""
+  if settings.randaugment:
+    raise DataError(f"data.randaugment={settings.randaugment!r}: RandAugment is for images; "
+                    f"dataset {settings.name!r} holds clips. Set data.randaugment=''")
 
 
 def _prepared_builder(settings: Settings):
@@ -199,11 +258,18 @@ class ImageFolderSource:
 
 def _open_folder(root: str, split: str, settings: Settings) -> Split:
   splits = (settings.train_split, settings.eval_split, *(s for _, s in settings.eval_splits))
+  if settings.frames is not None or settings.first_frame:
+    raise DataError(f"data.frames={settings.frames}, data.first_frame={settings.first_frame}: an "
+                    "image folder holds images, not clips; set data.frames=None and "
+                    "data.first_frame=0")
+  if settings.label_keys != ("label",):
+    raise DataError(f"data.label_keys={settings.label_keys}: an image folder has one label (its "
+                    f"class folders); set data.label_keys=('label',)")
   classes = folder_classes(root, splits)
   paths, labels = folder_files(root, split, classes)
   channels = _folder_channels(root, splits, classes)
-  return Split(source=ImageFolderSource(paths, labels, channels), num_classes=len(classes),
-               channels=channels)
+  return Split(source=ImageFolderSource(paths, labels, channels), channels=channels,
+               label_classes=(("label", len(classes)),))
 
 
 def folder_classes(root: str, splits: Sequence[str]) -> List[str]:

@@ -8,7 +8,12 @@ Evaluation: EvalExample (decode, resize or resize + centre crop; padding = zero 
 Then, for every task: DropLabels (label-free tasks) and TaskFields (a task's `batch_fields`).
 
 Both kinds of batch carry "labels" as float32 [B, num_classes]: one-hot (mixed in training),
-and in evaluation an all-zero row where batch["mask"] is False.
+and in evaluation an all-zero row where batch["mask"] is False. With several `label_keys`
+the one-hot vectors of the keys sit side by side, in the keys' order.
+
+Clips ([T, H, W, C], datasets whose image feature has 4 dimensions) go through the same ops:
+every random draw (crop box, flip, erased box, cutmix box) is made once per clip and applied
+to all of its frames.
 
 The random ones are `grain.transforms.RandomMap`s: grain seeds their generator from the
 transform's seed and the element index, so every draw is reproducible. All are module-level
@@ -16,7 +21,7 @@ classes, so they pickle for grain worker processes.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import grain
 import numpy as np
@@ -32,14 +37,15 @@ BatchFields = Callable[[Dict[str, np.ndarray], np.random.Generator], Dict[str, n
 class TrainExample(grain.transforms.RandomMap):
   """Decode, random-resized-crop (or resize), flip and RandAugment one example; stays uint8."""
 
-  def __init__(self, settings: Settings, channels: int):
+  def __init__(self, settings: Settings, channels: int, frames: Optional[int] = None):
     self._settings = settings
     self._channels = channels
+    self._frames = None if frames is None else (settings.first_frame, frames)
     self._randaugment = settings.randaugment_spec()
 
   def random_map(self, example, rng: np.random.Generator):
     s = self._settings
-    image = ops.decode(example["image"], self._channels)
+    image = _decode(example["image"], self._channels, self._frames)
     if s.random_resized_crop:
       image = ops.random_resized_crop(image, s.image_size, rng, s.crop_scale, s.crop_ratio,
                                       s.interpolation)
@@ -49,7 +55,21 @@ class TrainExample(grain.transforms.RandomMap):
       image = ops.random_flip(image, rng)
     if self._randaugment is not None:  # after crop and flip, as timm's training transform
       image = randaugment.apply(image, self._randaugment, rng)
-    return {"image": image, "label": np.int32(example["label"])}
+    return {"image": image, "label": _labels(example, s.label_keys)}
+
+
+def _decode(value, channels: int, frames: Optional[Tuple[int, int]]) -> np.ndarray:
+  """An image, or `frames` = (first, count) frames of a clip (None: an image). A clip's frames
+  then share every random draw (one crop box, one flip): the ops take the clip whole."""
+  if frames is None:
+    return ops.decode(value, channels)
+  first, count = frames
+  return ops.decode_clip(value, channels)[first:first + count]
+
+
+def _labels(example, keys) -> np.ndarray:
+  """int32 [K]: the example's label per key (batched to [B, K])."""
+  return np.array([example[k] for k in keys], np.int32)
 
 
 class TrainBatch(grain.transforms.RandomMap):
@@ -60,14 +80,14 @@ class TrainBatch(grain.transforms.RandomMap):
   mixes the batch); it draws nothing when off, so the mixing draws stay as they were.
   """
 
-  def __init__(self, settings: Settings, num_classes: int):
+  def __init__(self, settings: Settings, class_counts: Tuple[int, ...]):
     self._settings = settings
-    self._num_classes = num_classes
+    self._class_counts = tuple(class_counts)
 
   def random_map(self, batch, rng: np.random.Generator):
     s = self._settings
     images = ops.normalize(batch["image"], s.mean, s.std)
-    labels = ops.one_hot(batch["label"], self._num_classes)
+    labels = ops.one_hot_keys(batch["label"], self._class_counts)
     if s.random_erasing > 0:
       images = ops.random_erasing(images, rng, s.random_erasing, s.random_erasing_mode,
                                   s.random_erasing_count)
@@ -81,36 +101,41 @@ class EvalExample(grain.transforms.Map):
   example of a `PaddedSource`; padding becomes a zero image with label 0 and mask False
   (EvalBatch zeroes its one-hot row)."""
 
-  def __init__(self, settings: Settings, channels: int):
+  def __init__(self, settings: Settings, channels: int, frames: Optional[int] = None):
     self._size = settings.image_size
     self._crop_pct = settings.crop_pct
     self._interpolation = settings.interpolation
     self._channels = channels
+    self._frames = None if frames is None else (settings.first_frame, frames)
+    self._label_keys = settings.label_keys
 
   def map(self, element):
     example, _ = element
     if example is None:
-      return {"image": np.zeros((self._size, self._size, self._channels), np.uint8),
-              "label": np.int32(0), "mask": np.bool_(False)}
-    image = ops.decode(example["image"], self._channels)
+      shape = (self._size, self._size, self._channels)
+      return {"image": np.zeros(shape if self._frames is None else (self._frames[1], *shape),
+                                np.uint8),
+              "label": np.zeros(len(self._label_keys), np.int32), "mask": np.bool_(False)}
+    image = _decode(example["image"], self._channels, self._frames)
     if self._crop_pct is None:
       image = ops.resize(image, self._size, self._interpolation)
     else:
       image = ops.resize_center_crop(image, self._size, self._crop_pct, self._interpolation)
-    return {"image": image, "label": np.int32(example["label"]), "mask": np.bool_(True)}
+    return {"image": image, "label": _labels(example, self._label_keys), "mask": np.bool_(True)}
 
 
 class EvalBatch(grain.transforms.Map):
   """Normalize a batch and one-hot its labels, as in training; padding rows (mask False) get
   all-zero label rows, so they count for no class."""
 
-  def __init__(self, settings: Settings, num_classes: int):
+  def __init__(self, settings: Settings, class_counts: Tuple[int, ...]):
     self._mean, self._std = settings.mean, settings.std
-    self._num_classes = num_classes
+    self._class_counts = tuple(class_counts)
 
   def map(self, batch):
     mask = batch["mask"].astype(bool)
-    labels = ops.one_hot(batch["label"], self._num_classes) * mask[:, None].astype(np.float32)
+    labels = (ops.one_hot_keys(batch["label"], self._class_counts)
+              * mask[:, None].astype(np.float32))
     return {"image": ops.normalize(batch["image"], self._mean, self._std),
             "labels": labels, "mask": mask}
 

@@ -64,6 +64,9 @@ class Distillation(classification.Classification):
   def __init__(self, config, info, teacher=None, ce_weight: float = 0.5, logit_weight: float = 0.5,
                temperature: float = 1.0, hard: bool = False, token_weight: float = 0.0):
     super().__init__(config, info)
+    if self.multi_label:
+      raise ConfigError(f"distillation takes one label key; data.label_keys gives "
+                        f"{[k for k, _ in self.label_splits]}. Train with task 'classification'")
     spec = settings_lib.plain(teacher)
     if not spec or (isinstance(spec, dict) and not spec.get("path")):
       raise ConfigError(
@@ -92,7 +95,7 @@ class Distillation(classification.Classification):
   def loss(self, params, frozen, batch, rng, step, progress):
     logits, aux = self.apply(params, batch, rng, train=True, step=step, progress=progress)
     t_logits, t_tokens = self.teacher_outputs(frozen, batch)
-    ce, accuracy = self.classification_terms(logits, batch)
+    ce, accuracy, _ = self.classification_terms(logits, batch)
     if self.hard:
       kd = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(t_logits, -1)).mean()
     else:

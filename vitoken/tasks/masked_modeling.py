@@ -44,8 +44,14 @@ class MaskedImageModeling(base.Task):
   headline = "loss"
   backbone_scope = "encoder"
 
+  takes_clips: bool = False  # True for video pretraining (VideoMAE); images otherwise
+
   def __init__(self, config, info, preview_examples: int = 8):
     super().__init__(config, info)
+    if len(info.image_shape) == 4 and not self.takes_clips:
+      raise ConfigError(f"task {self.task_name!r} pretrains on images; the data gives clips of "
+                        f"shape {tuple(info.image_shape)} (for video use task 'videomae', or an "
+                        "image dataset)")
     if not isinstance(preview_examples, int) or preview_examples < 0:
       raise ConfigError(f"task preview_examples must be an int >= 0, got {preview_examples!r}")
     self.preview_examples = preview_examples

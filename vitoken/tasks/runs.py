@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from vitoken import errors, paths, settings as settings_lib
+from vitoken.convert import from_big_vision, inflate
 from vitoken.data import pipeline
 from vitoken.engine import checkpoint as ckpt_lib, sharding
 from vitoken.tasks import base
@@ -44,9 +45,12 @@ def load_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]] = N
   if info is None:
     size = int(config.data.image_size)
     stem = shapes[scope] if scope and scope in shapes else shapes
-    channels = int(stem["embedding"]["kernel"].shape[2])
+    kernel = stem["embedding"]["kernel"].shape  # [ph, pw, C, D], or [t, ph, pw, C, D]
+    image_shape = (size, size, int(kernel[-2]))
+    if len(kernel) == 5:  # a video model: the clips' frames are the data's
+      image_shape = (pipeline.dataset_info(config.data).image_shape[0],) + image_shape
     classes = int(shapes["head"]["kernel"].shape[-1]) if "head" in shapes else 0
-    info = pipeline.DataInfo(num_classes=classes, image_shape=(size, size, channels),
+    info = pipeline.DataInfo(num_classes=classes, image_shape=image_shape,
                              train_examples=0, eval_examples=0)
   fields = {**settings_lib.as_dict(config.model, "model config"), **(model_overrides or {})}
   if scope:
@@ -72,6 +76,31 @@ def load_model(path, info=None, *, model_overrides: Optional[Dict[str, Any]] = N
     placement = sharding.tree_shardings(shapes, mesh, rules)
   params = ckpt_lib.load_params(path, shardings=placement)
   return model, jax.tree.map(lambda x: x.astype(dtype), params), config
+
+
+def inflated_params(path, video_model, clip_shape, *, kernel: str = "central"):
+  """The params of the image model at `path` (a run's workdir or checkpoint, or a big_vision
+  .npz) inflated for `video_model` (`vitoken.convert.inflate`) on clips of `clip_shape`
+  (T, H, W, C): its tubelet, table type and class-token rule are the video model's. Host numpy
+  arrays, for a run's `init_from` (which then fits them to the run's params by name)."""
+  patch = tuple(video_model.patch_size)
+  if len(patch) != 3 or len(clip_shape) != 4:
+    raise errors.ConfigError(f"init_from.inflate makes a video model from an image model, but "
+                             f"this run's model has patch_size {patch} for inputs "
+                             f"{tuple(clip_shape)}: inflate needs a (t, p, p) patch and clips")
+  if str(path).endswith(".npz"):
+    image_model, params = from_big_vision(path, image_size=tuple(clip_shape[1:3]))
+  else:
+    image_model, params, _ = load_model(path, what="init_from.path (an image model to inflate)")
+  if tuple(image_model.patch_size) != patch[1:]:
+    raise errors.ConfigError(f"init_from.inflate: the image model at {path} has "
+                             f"{tuple(image_model.patch_size)} patches, the video model "
+                             f"{patch[1:]} spatially; inflating keeps the patch size")
+  _, inflated = inflate(image_model, jax.tree.map(np.asarray, params), num_frames=clip_shape[0],
+                        tubelet=patch[0], kernel=kernel, image_size=tuple(clip_shape[1:3]),
+                        posemb=video_model.posemb,
+                        prefix_per_slice=video_model.prefix_per_slice)
+  return inflated
 
 
 def load_tokenizer(path, info=None) -> Tuple[Any, Any]:

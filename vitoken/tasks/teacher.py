@@ -25,7 +25,7 @@ def load(spec, info):
     for key in ("dtype", "param_dtype"):
       if key in model_opts:
         model_opts[key] = base.dtype_of(model_opts[key])
-    model, params = from_big_vision(path, variant, image_size=info.image_shape[:2], **model_opts)
+    model, params = from_big_vision(path, variant, image_size=info.image_shape[-3:-1], **model_opts)
     return model, params
   model, params, _ = runs.load_model(path, info, model_overrides=model_opts,
                                      what="teacher checkpoint")

@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
       # masked-modeling (MAE, SimMIM) pretraining run
       "subtree": "",
       "posemb_resize": "bilinear",
+      # "central" or "average": the path holds an image model (a run or a big_vision .npz) to
+      # inflate into this run's video model (vitoken.convert.inflate: tubelet kernel, table
+      # tiled over time); "" loads the params as they are
+      "inflate": "",
   })
   c.distributed = ml_collections.ConfigDict({
       "initialize": "auto",  # "auto": when the environment names a coordinator; True; False

@@ -30,7 +30,7 @@ from vitoken.engine import (
   optim,
   sharding,
 )
-from vitoken.tasks import base as task_base
+from vitoken.tasks import base as task_base, runs
 from vitoken.train import config as config_lib
 
 log = logging.getLogger(__name__)
@@ -240,11 +240,14 @@ class Trainer:
     c = self.config.init_from
     backbone = self.task.backbone()  # the ViT that knows how to fit loaded params (posemb)
     try:
-      loaded = ckpt_lib.load_params(c.path, image_size=self.info.image_shape[:2])
+      if c.get("inflate"):
+        loaded = runs.inflated_params(c.path, backbone, self.info.image_shape, kernel=c.inflate)
+      else:
+        loaded = ckpt_lib.load_params(c.path, image_size=self.info.image_shape[-3:-1])
     except errors.UserError as e:
       raise type(e)(f"init_from.path: {e}") from e
     loaded = ckpt_lib.subtree(loaded, c.subtree, c.path)
-    adapt = functools.partial(backbone.adapt_loaded, image_size=self.info.image_shape[:2],
+    adapt = functools.partial(backbone.adapt_loaded, image_size=self.info.image_shape[-3:-1],
                               method=c.posemb_resize)
     merged, kept = ckpt_lib.merge_params(self.abstract_state["params"], loaded,
                                          exclude=c.exclude or None, adapt=adapt)

@@ -186,10 +186,9 @@ def run_reducer(reducer: Reducer, state: TokenState, info: BlockInfo, *, train: 
   frames. A reducer over all tokens that changes their count leaves them unordered by slice."""
   if reducer.per_slice and state.slices > 1:
     folded, prefix = state.fold_slices()
-    p, t = state.num_prefix, state.slices
 
     def fold(a):
-      return None if a is None else a[:, p:].reshape((a.shape[0] * t, -1) + a.shape[2:])
+      return None if a is None else state.fold_array(a)
 
     new, aux = reducer(folded, info.replace(keys_mean=fold(info.keys_mean),
                                             cls_attn=fold(info.cls_attn)), train=train)

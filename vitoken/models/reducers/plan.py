@@ -94,9 +94,6 @@ class ReductionPlan:
     return {p.name: p.cls.layer_decay_group for p in self.embed}
 
 
-_ENTRY_KEYS = ("method", "name", "per_slice")
-
-
 def build_plan(token_reduction: Any, depth: int) -> ReductionPlan:
   """Normalises `token_reduction` (None, one spec dict, or a list of them) into a plan."""
   # Registers the built-in methods. Function-local because the package imports the method

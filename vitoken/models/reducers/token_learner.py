@@ -240,7 +240,9 @@ class TokenLearner(base.Reducer):
     n = patches.shape[1]
     if self.num_tokens > n:
       raise ConfigError(f"{self.where}: token_learner num_tokens={self.num_tokens} is more than "
-                        f"the {n} patch tokens it would pool")
+                        f"the {n} patch tokens it would pool"
+                        + (" (those of one time slice, as per_slice=True)" if self.per_slice
+                           else ""))
     if state.mask is not None or state.policy is not None:
       raise ConfigError(f"{self.where}: token_learner cannot pool a masked or policy-weighted "
                         "token state (learned tokens have no single keep decision); place it "

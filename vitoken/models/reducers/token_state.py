@@ -182,10 +182,14 @@ class TokenState:
     n = self.num_tokens - p
     if n % t:
       raise ValueError(f"{n} unprotected tokens do not split into {t} time slices")
-    b = self.x.shape[0]
-    folded = self.map_tokens(lambda a: a[:, p:].reshape((b * t, n // t) + a.shape[2:]))
+    folded = self.map_tokens(self.fold_array)
     prefix = self.map_tokens(lambda a: a[:, :p])
     return folded.replace(num_prefix=0, slices=1, grid=self.grid.slice_grid()), prefix
+
+  def fold_array(self, a):
+    """An array laid out as the tokens, [B, P + T*n, ...], folded as `fold_slices` folds the
+    tokens: [B*T, n, ...], the prefix dropped (per-token block information, for example)."""
+    return a[:, self.num_prefix:].reshape((a.shape[0] * self.slices, -1) + a.shape[2:])
 
   def unfold_slices(self, folded: "TokenState", prefix: "TokenState") -> "TokenState":
     """The inverse of `fold_slices` after a reducer ran on the folded state: [B*T, n', ...]

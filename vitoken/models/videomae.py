@@ -53,10 +53,18 @@ def targets(videos, patch: Sequence[int], norm_target: bool = True, *, input_mea
     return tubes
   b, n, _ = tubes.shape
   c = pixels.shape[-1]
-  per_channel = tubes.reshape(b, n, -1, c)  # [B, L, t*p*p, C]
+  mean, scale = tube_stats(tubes, c)
+  return ((tubes.reshape(b, n, -1, c) - mean) / scale).reshape(b, n, -1)
+
+
+def tube_stats(tubes, channels: int):
+  """(mean, unbiased standard deviation + 1e-6) of each tubelet and channel of `tubes`
+  [B, L, t*p*p*C], [B, L, 1, C] each: what `targets` normalises by (and a picture of the
+  predictions undoes)."""
+  b, n, _ = tubes.shape
+  per_channel = tubes.reshape(b, n, -1, channels)  # [B, L, t*p*p, C]
   mean = per_channel.mean(axis=2, keepdims=True)
-  std = jnp.sqrt(per_channel.var(axis=2, ddof=1, keepdims=True))
-  return ((per_channel - mean) / (std + NORM_EPS)).reshape(b, n, -1)
+  return mean, jnp.sqrt(per_channel.var(axis=2, ddof=1, keepdims=True)) + NORM_EPS
 
 
 def masked_targets(target, mask, num_masked: int):

@@ -124,10 +124,8 @@ class VideoMAETask(MaskedImageModeling):
       # spread, per channel.
       b, n, _ = tubes.shape
       c = images.shape[-1]
-      per_channel = tubes.reshape(b, n, -1, c)
-      mean = per_channel.mean(axis=2, keepdims=True)
-      std = jnp.sqrt(per_channel.var(axis=2, ddof=1, keepdims=True)) + videomae.NORM_EPS
-      shown = (self._scatter_masked(tubes, pred, mask).reshape(b, n, -1, c) * std
+      mean, scale = videomae.tube_stats(tubes, c)
+      shown = (self._scatter_masked(tubes, pred, mask).reshape(b, n, -1, c) * scale
                + mean).reshape(b, n, -1)
       # Only the masked rows held normalised predictions; the visible ones stay pixels.
       tubes = jnp.where(mask[..., None] > 0, shown, tubes)

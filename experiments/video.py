@@ -1,7 +1,7 @@
 """Video on moving cluttered digits: what reads time, what inflation and VideoMAE give, and what
 token reduction over space-time costs in accuracy.
 
-  python experiments/video.py                 # every row, ~35 min on 2 CPU cores
+  python experiments/video.py                 # every row, ~3 hours on 2 CPU cores
   python experiments/video.py --small         # a minutes-long smoke version (moving_digits/tiny)
 
 The runs are those of configs/video.py (one video ViT: depth 4, width 64, tubelets of
@@ -18,14 +18,22 @@ The runs are those of configs/video.py (one video ViT: depth 4, width 64, tubele
   the same token schedule for both modes;
 - `videomae`: VideoMAE pretraining (90% tubes), then fine-tuning; `framemae`: the same with 90%
   of each time slice masked independently (the paper's frame masking baseline).
+- merging across time (configs/video.py's `temporal` presets): TESTA (the two slices merged in
+  block 0, then 0 or 12 patches per slice per block) and TempMe (the slices run as frames, ToMe
+  per frame in block 0, joined in block 1), about 50% and 25% of the dense tokens leaving a
+  block, off the shelf on the inflated params and trained from the inflated init, against ToMe
+  over space-time at the same FLOPs (r = 32 and r = 60), off the shelf and trained alike;
+- `violet`: VIOLET-style masked visual-token modeling (the codes of a k-means tokenizer of
+  single digits' patches, `stage=tokenizer`; space-time block masks), then fine-tuning.
 
 Every classifier trains `--steps` steps (pretraining `--pretrain_steps`); accuracies are on the
 whole test split (4,000 clips of glyphs no training clip shows); Δ is against the dense run a
 row starts from or runs on (column "vs"). GFLOPs per clip come from XLA's
 cost analysis of the compiled inference (2 per multiply-add); inference clips/s of all rows are
 timed in one interleaved run (median of `--windows` windows, min-max spread). Finished runs and
-evaluations are reused (`--workroot`). Writes experiments/results/video.{json,md,png} and
-video_reconstructions.png (VideoMAE's reconstructions of test clips).
+evaluations are reused (`--workroot`). Writes experiments/results/video.{json,md,png},
+video_reconstructions.png (VideoMAE's reconstructions of test clips) and video_testa.png
+(which frames and patches TESTA merged).
 """
 import argparse
 import os
@@ -55,8 +63,22 @@ TRAINED = {
     "videomae": ("stage=finetune", "videomae_pretrain", "VideoMAE (90% tubes) → fine-tune"),
     "framemae_pretrain": ("stage=pretrain,masking=frame", None, "frame-masking pretraining"),
     "framemae": ("stage=finetune", "framemae_pretrain", "90% per-frame masking → fine-tune"),
+    # VIOLET-style masked visual-token modeling: a k-means tokenizer of single digits' patches,
+    # whose codes the pretraining predicts (`{tokenizer}` is that run's workdir).
+    "tokenizer": ("stage=tokenizer", None, "k-means tokenizer (VIOLET's targets)"),
+    "violet_pretrain": ("stage=violet,tokenizer={tokenizer}", None, "VIOLET-style pretraining"),
+    "violet": ("stage=finetune", "violet_pretrain", "VIOLET-style MVM → fine-tune"),
+    # Merging across time (configs/video.py's TEMPORAL), trained from the inflated init, and
+    # ToMe over space-time trained alike at the same FLOPs (r = 32: 0.6x, r = 60: 0.47x).
+    **{f"inflated_{k}_trained": (f"stage=inflate,kernel=central,temporal={k}", "image",
+                                 f"inflated + {label}, trained")
+       for k, label in (("testa50", "TESTA 50%"), ("testa25", "TESTA 25%"),
+                        ("tempme50", "TempMe 50%"), ("tempme25", "TempMe 25%"))},
+    **{f"inflated_tome{r}_trained": (f"stage=inflate,kernel=central,tome={r}", "image",
+                                     f"inflated + ToMe space-time r={r}, trained")
+       for r in (32, 60)},
 }
-PRETRAINING = ("image", "videomae_pretrain", "framemae_pretrain")
+PRETRAINING = ("image", "videomae_pretrain", "framemae_pretrain", "tokenizer", "violet_pretrain")
 # Training-free rows: ToMe over all tokens (r per block) and per time slice (r per slice per
 # block, 2 slices: the same token schedule at half the r), on a dense run's params.
 # name -> (token_reduction, the dense run it runs on, what the row is)
@@ -77,17 +99,35 @@ OFF_THE_SHELF = {
                            "inflated + ToMe space-time r=56"),
     "inflated_tome_slice28": ({"method": "tome", "r": 28, "prop_attn": True, "per_slice": True},
                               "inflated", "inflated + ToMe per slice r=28"),
+    "inflated_tome_st60": ({"method": "tome", "r": 60, "prop_attn": True}, "inflated",
+                           "inflated + ToMe space-time r=60"),
+    # TESTA and TempMe off the shelf (TempMe's per-frame position embedding would start at
+    # zero: left out).
+    **{f"inflated_{k}": (dict(configs.TEMPORAL[k], **({"frame_pos": False} if "tempme" in k
+                                                     else {})),
+                         "inflated", f"inflated + {label}")
+       for k, label in (("testa50", "TESTA 50%"), ("testa25", "TESTA 25%"),
+                        ("tempme50", "TempMe 50%"), ("tempme25", "TempMe 25%"))},
 }
-ROWS = ("frame", "scratch", "inflated", "tl8", *OFF_THE_SHELF, "videomae", "framemae")
+TEMPORAL_ROWS = ("inflated_testa50", "inflated_testa25", "inflated_tempme50", "inflated_tempme25",
+                 "inflated_testa50_trained", "inflated_testa25_trained",
+                 "inflated_tempme50_trained", "inflated_tempme25_trained",
+                 "inflated_tome32_trained", "inflated_tome60_trained")
+ROWS = ("frame", "scratch", "inflated", "tl8",
+        *(k for k in OFF_THE_SHELF if k not in TEMPORAL_ROWS), *TEMPORAL_ROWS, "videomae",
+        "framemae", "violet")
 BASELINE = "scratch"
+# Trained rows that start from the inflated model are compared with it.
+VERSUS = {name: "inflated" for name in TEMPORAL_ROWS if name.endswith("_trained")}
 
 
 def _config(name: str, args, workdirs: Dict[str, str]):
   arg, parent, _ = TRAINED[name]
   if parent:
     arg += f",init={workdirs[parent]}"
-  steps = (args.pretrain_steps if name in ("videomae_pretrain", "framemae_pretrain")
-           else IMAGE_STEPS if name == "image" else args.steps)
+  arg = arg.format(tokenizer=workdirs["tokenizer"])
+  steps = (args.pretrain_steps if name.endswith("_pretrain")
+           else IMAGE_STEPS if name == "image" else None if name == "tokenizer" else args.steps)
   return common.run_config(configs.get_config, arg, args.small,
                            None if args.small else steps)
 
@@ -164,7 +204,7 @@ def rows_table(summaries, cache, speed) -> List[Dict]:
   for name in ROWS:
     fields = dict(cache[name])
     s = speed[name]
-    base = OFF_THE_SHELF[name][1] if name in OFF_THE_SHELF else BASELINE
+    base = OFF_THE_SHELF[name][1] if name in OFF_THE_SHELF else VERSUS.get(name, BASELINE)
     label = OFF_THE_SHELF[name][2] if name in OFF_THE_SHELF else TRAINED[name][2]
     rows.append({
         "run": name, "row": label, "vs": base, **fields,
@@ -205,7 +245,7 @@ def plot(rows: List[Dict], path: str, meta: Dict) -> None:
     shown = [r for r in rows if key == "digit (%)" or r["run"] != "frame"]
     for r in shown:
       marker = "s" if r["run"] in ("scratch", "inflated", "frame") else (
-          "^" if "mae" in r["run"] else "o")
+          "^" if "mae" in r["run"] or r["run"] == "violet" else "o")
       ax.plot(r["clips/s"], r[key], marker, markersize=6)
       ax.annotate(r["run"], (r["clips/s"], r[key]), fontsize=6, textcoords="offset points",
                   xytext=(3, 3))
@@ -216,6 +256,52 @@ def plot(rows: List[Dict], path: str, meta: Dict) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def testa_picture(args, path: str, clips: int = 3) -> Dict[str, Any]:
+  """Which frames and patches TESTA (25%, off the shelf on the inflated run) merged, for a few
+  test clips: per time slice, the mean of its frames and its patches painted by the token
+  that holds them at the end (one colour per token, the same in both slices: the frame merge
+  of block 0 joins the slices position by position). Returns per-clip counts."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  from vitoken import visualize  # pylint: disable=import-outside-toplevel
+  from vitoken.data import pipeline  # pylint: disable=import-outside-toplevel
+  spec = dict(configs.TEMPORAL["testa25"], trace_source=True)
+  model, params, config, _ = common.load_run(os.path.join(args.workroot, "inflated"), spec)
+  batch = next(iter(pipeline.eval_iterator(config.data, global_batch_size=clips)))
+  _, aux = jax.jit(lambda x: model.apply({"params": params}, x))(batch["image"])
+  state = aux["state"]
+  grid = model.patch_grid(batch["image"].shape[1:-1])
+  t, (h, w), tube = grid.frames, grid.hw, grid.patch[0]
+  palette = plt.get_cmap("tab20")(np.arange(20))[:, :3]
+  fig, axes = plt.subplots(clips, 2 * t, figsize=(1.8 * 2 * t, 1.9 * clips), squeeze=False)
+  counts = []
+  for c in range(clips):
+    source = np.asarray(state.source[c])[:, state.num_prefix:]  # [N, T' h w]
+    held = source.reshape(len(source), t, h * w).sum(-1) > 0  # [N, T']: slices each token holds
+    counts.append({"tokens": int(len(source)), "holding every slice": int(held.all(1).sum())})
+    for s in range(t):
+      frames = np.asarray(batch["image"][c, s * tube:(s + 1) * tube]).mean(0)  # [H, W, C]
+      groups = visualize.token_groups(source[:, s * h * w:(s + 1) * h * w], 0, (h, w))
+      gray = visualize._rgb01(frames)  # pylint: disable=protected-access
+      colours = np.kron(palette[groups % 20], np.ones((gray.shape[0] // h, gray.shape[1] // w, 1)))
+      panels = [(gray, f"frames {s * tube}-{(s + 1) * tube - 1}"),
+                (0.4 * gray + 0.6 * colours, f"{len(np.unique(groups))} tokens")]
+      for k, (picture, title) in enumerate(panels):
+        ax = axes[c, 2 * s + k]
+        ax.imshow(np.clip(picture, 0, 1), interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+  fig.suptitle(f"TESTA 25% off the shelf ({model.depth} blocks): block 0 merges the {t} time "
+               "slices position by position,\nthen every block merges 12 patches within the "
+               "slice; colour = the final token holding a patch", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return {"clips": counts}
 
 
 def main(argv=None):
@@ -255,6 +341,8 @@ def main(argv=None):
           "timed batch": args.batch, "windows": args.windows, "iters per window": args.iters,
           "flops": "XLA cost analysis of the compiled inference, 2 per multiply-add",
           "this call wall s": time.time() - start}
+  os.makedirs(args.out, exist_ok=True)
+  meta["testa picture"] = testa_picture(args, os.path.join(args.out, f"{args.name}_testa.png"))
   common.write_results(args.out, args.name, rows, text, meta)
   plot(rows, os.path.join(args.out, f"{args.name}.png"), meta)
   # VideoMAE's last reconstruction preview (clips of the test split: original, masked,

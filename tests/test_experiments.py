@@ -1,10 +1,12 @@
 """The experiment scripts run end to end (tiny settings), so they cannot silently rot."""
+import argparse
 import json
 import math
 import os
 
 from configs import quickstart
 from experiments import (
+  common,
   masked_modeling,
   token_learners,
   token_pruning,
@@ -103,7 +105,7 @@ def test_token_pruning_fine_tunes_evaluates_and_times_every_variant(tmp_path):
 
 def test_video_trains_evaluates_and_times_every_row(tmp_path):
   rows, meta = video.main(["--small", "--workroot", str(tmp_path / "runs"), "--batch", "4",
-                           "--windows", "2", "--iters", "1", "--out", str(tmp_path / "out")])
+                           "--windows", "1", "--iters", "1", "--out", str(tmp_path / "out")])
   by_run = {r["run"]: r for r in rows}
   assert list(by_run) == list(video.ROWS)
   # The tiny test split, both labels, every row timed.
@@ -121,13 +123,29 @@ def test_video_trains_evaluates_and_times_every_row(tmp_path):
   # ToMe on the inflated params compares with the inflated run.
   assert by_run["inflated_tome_st56"]["vs"] == "inflated"
   assert by_run["inflated_tome_st56"]["tokens"] == "128>72>36"
+  # Merging across time (2 slices, 2 blocks): TESTA joins the slices in block 0 and merges 12
+  # patches per slice per block; TempMe runs the slices as frames (ToMe r=24 each), joins them
+  # in block 1 and merges 40% before attention and 20% after. Trained or off the shelf, the
+  # same schedule; the trained rows compare with the inflated run they start from.
+  for name in ("inflated_testa25", "inflated_testa25_trained"):
+    assert by_run[name]["tokens"] == "128>52>40"
+  for name in ("inflated_tempme25", "inflated_tempme25_trained"):
+    assert by_run[name]["tokens"] == "128>80>39"
+  assert by_run["inflated_testa50"]["tokens"] == "128>64>64"
+  assert by_run["inflated_tempme25_trained"]["vs"] == "inflated"
+  assert by_run["inflated_tome60_trained"]["tokens"] == "128>68>34"
+  assert meta["testa picture"]["clips"][0]["tokens"] == 40
   # Off-the-shelf rows reuse the scratch run; pretraining stays out of the rows' own time.
   assert all(by_run[n]["train s"] == 0 for n in video.OFF_THE_SHELF)
   assert set(meta["pretraining train s"]) == set(video.PRETRAINING)
-  for name in ("video.json", "video.md", "video.png", "video_reconstructions.png"):
+  for name in ("video.json", "video.md", "video.png", "video_reconstructions.png", "video_testa.png"):
     assert os.path.exists(tmp_path / "out" / name)
-  # A second call reuses every run and evaluation.
-  again, _ = video.main(["--small", "--workroot", str(tmp_path / "runs"), "--batch", "4",
-                         "--windows", "1", "--iters", "1", "--out", str(tmp_path / "out2")])
-  assert [(r["run"], r["digit (%)"], r["train s"]) for r in again] == [
-      (r["run"], r["digit (%)"], r["train s"]) for r in rows]
+  # Training again reuses every run (the same summaries, no new wall time), and every
+  # evaluation is cached.
+  args = argparse.Namespace(workroot=str(tmp_path / "runs"), small=True, steps=video.STEPS,
+                            pretrain_steps=video.PRETRAIN_STEPS)
+  again = video.train_all(args)
+  assert all(again[n]["wall_time_s"] == by_run[n]["train s"] for n in video.ROWS
+             if n in video.TRAINED)
+  cache = common.load_json(str(tmp_path / "runs" / "evaluations.json"))
+  assert set(video.ROWS) <= set(cache)

@@ -26,7 +26,9 @@ TRAINED_RUN_FIXTURES = (
     "ema_run",  # test_recipe: a 12-step run with EMA, states captured
     "tome_eval_run",  # test_recipe: a run evaluated with ToMe overrides
     "tokenizer_dir",  # test_beit: a k-means tokenizer fit
-    "tokenizer_4px",  # test_beit: a one-step k-means fit
+    "tokenizer_4px",  # test_beit, test_violet: a one-step k-means fit
+    "violet_tokenizer",  # test_violet: configs/video.py:stage=tokenizer,runlocal (16 codes)
+    "violet_run",  # test_violet: configs/video.py:stage=violet,runlocal (12 steps, 19 s)
     "pretrained",  # test_beit (BEiT pretraining), test_masked_modeling_train (MAE/SimMIM)
     "kmeans_run",  # test_tokenizers: a 12-step k-means fit
     "run",  # test_loading: a 4-step run (the file is slow anyway)

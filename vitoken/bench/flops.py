@@ -22,8 +22,8 @@ def compiled_flops(compiled) -> float:
 
 
 def token_counts(model, params, images) -> Tuple[List[int], List[int]]:
-  """(tokens entering each block and after the last, tokens in each block's attention), from
-  shapes alone (no computation)."""
+  """(tokens of each example entering each block and after the last, tokens in each block's
+  attention, per sequence), from shapes alone (no computation)."""
   probe = model.clone(return_attention=True)
   _, aux = jax.eval_shape(lambda p, x: probe.apply({"params": p}, x), params, images)
   blocks, attention = aux["blocks"], aux["attention"]
@@ -31,7 +31,9 @@ def token_counts(model, params, images) -> Tuple[List[int], List[int]]:
     counts = [int(blocks.shape[2])] * int(blocks.shape[0])
     attended = [int(attention.shape[-1])] * int(attention.shape[0])
   else:
-    counts = [int(v.shape[1]) for _, v in sorted(blocks.items())]
+    # Per example: a reducer may run frames as sequences of their own (TempMe).
+    counts = [int(v.shape[0]) * int(v.shape[1]) // int(images.shape[0])
+              for _, v in sorted(blocks.items())]
     attended = [int(v.shape[-1]) for _, v in sorted(attention.items())]
   return [model.patch_grid(images.shape[1:-1]).num_patches + model.num_prefix] + counts, attended
 

@@ -146,7 +146,11 @@ class EncoderBlock(nn.Module):
     bias = None
     if self.proportional_attention:
       bias = jnp.log(state.size)[:, None, None, :]
-    if self.prefix_key_bias and state.num_prefix:
+    # The class/register tokens stand for one copy per time slice only in the clip's own
+    # sequence; once frames run as sequences (TempMe), each holds real copies.
+    own_prefix = state.sequences == 1 and (self.context is None
+                                           or state.num_prefix == self.context.num_prefix)
+    if self.prefix_key_bias and state.num_prefix and own_prefix:
       prefix = jnp.arange(state.x.shape[1]) < state.num_prefix
       prefix_bias = jnp.where(prefix, self.prefix_key_bias, 0.0)[None, None, None, :]
       bias = prefix_bias if bias is None else bias + prefix_bias
@@ -208,6 +212,17 @@ class MAPHead(nn.Module):
     y = y + layers.MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="mlp")(z, deterministic=True)
     return y[:, 0]
+
+
+def _mean_direction(tokens):
+  """The pooled class token of a clip whose frames each kept their own (TempMe): the mean of
+  their unit-normalised embeddings, as TempMe's video feature (its cosine similarity discards
+  the length), at the class tokens' mean length, so that a head trained on one class token
+  reads it at the same scale (one token, or identical ones, give that token back)."""
+  t = tokens.astype(jnp.float32)
+  norm = jnp.linalg.norm(t, axis=-1, keepdims=True)
+  direction = (t / jnp.maximum(norm, 1e-6)).mean(axis=1)
+  return (direction * norm.mean(axis=1)).astype(tokens.dtype)
 
 
 class VisionTransformer(nn.Module):
@@ -497,6 +512,8 @@ class VisionTransformer(nn.Module):
     tokens = x[:, p:]
     mask = None if state.mask is None else state.mask[:, p:]
     if self.pool_type == "tok":
+      if state.num_prefix > self.num_prefix:
+        return _mean_direction(x[:, :state.num_prefix])
       return x[:, 0]
     if self.pool_type == "gap":
       # Each token stands for `size` patches (merging), so the mean over the original patches
@@ -557,6 +574,9 @@ class VisionTransformer(nn.Module):
       if self.return_attention:
         aux["attention"] = {k: o["attention"] for k, o in outs.items()}
 
+    # A reducer that ran frames as sequences of their own (TempMe) leaves several per example:
+    # one sequence again, every class token in front.
+    state = state.join_sequences()
     x = state.x
     if not self.fc_norm:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -1,5 +1,13 @@
 """Tasks chosen by `config.task.name`. Importing this package registers the built-in ones."""
-from vitoken.tasks import classification, distillation, masked_modeling, runs, tokenizers, videomae  # noqa: F401  (registration side effects)
+from vitoken.tasks import (  # noqa: F401  (registration side effects)
+                                classification,
+                                distillation,
+                                masked_modeling,
+                                runs,
+                                tokenizers,
+                                videomae,
+                                violet,
+)
 from vitoken.tasks.base import (
                                 RESERVED_FIELDS,
                                 Progress,

@@ -229,8 +229,52 @@ class BlockMasks:
     return batch
 
 
+class CodePrediction(MaskedImageModeling):
+  """A task that predicts a frozen tokenizer's codes of masked patches (BEiT; VIOLET on
+  clips): block masks from the pipeline (`self.masks`), the tokenizer's params frozen, the
+  loss and code accuracy from `targets` (a module with `per_example_loss` and
+  `code_accuracy` over logits, codes and the mask). Subclasses give `tokenizer()` and
+  `codes(frozen, images)`."""
+  targets = beit
+
+  def batch_fields(self):
+    return BlockMasks(self.masks)
+
+  def frozen_params(self):
+    return {"tokenizer": self.tokenizer()[1]}
+
+  def forward(self, params, frozen, batch, rng, *, train: bool):
+    """(loss, logits, mask, codes) of the batch."""
+    codes = self.codes(frozen, batch["image"])
+    rngs = {"dropout": rng} if train else {}
+    loss, logits, mask = self.model.apply({"params": params}, batch["image"], codes,
+                                          batch["patch_mask"], train=train, rngs=rngs)
+    return loss, logits, mask, codes
+
+  def loss(self, params, frozen, batch, rng, step, progress):
+    loss, logits, mask, codes = self.forward(params, frozen, batch, rng, train=True)
+    correct, count = self.targets.code_accuracy(logits, codes, mask)
+    return loss, {"loss": loss, "masked_share": mask.mean(),
+                  "code_accuracy": correct.sum() / jnp.maximum(count.sum(), 1.0)}
+
+  def eval_sums(self, params, frozen, batch, rng):
+    _, logits, mask, codes = self.forward(params, frozen, batch, rng, train=False)
+    total, count = self.targets.per_example_loss(logits, codes, mask)
+    correct, _ = self.targets.code_accuracy(logits, codes, mask)
+    weight = batch["mask"].astype(jnp.float32)
+    count = jnp.maximum(count, 1.0)
+    return {"loss_sum": jnp.sum(total / count * weight),
+            "code_accuracy_sum": jnp.sum(correct / count * weight),
+            "masked_share_sum": jnp.sum(mask.mean(axis=1) * weight), "count": jnp.sum(weight),
+            "code_counts": tokenizer_common.code_counts(codes.reshape(codes.shape[0], -1), weight,
+                                                        logits.shape[-1])}
+
+  def eval_summary(self, totals):
+    return tokenizer_common.summary_with_usage(totals, super().eval_summary, prefix="target_")
+
+
 @base.register("beit")
-class BEiTTask(MaskedImageModeling):
+class BEiTTask(CodePrediction):
   """BEiT-style pretraining (vitoken.models.beit) against a frozen visual tokenizer's codes.
 
   `tokenizer` is the workdir of `python -m vitoken.tokenizers` (k-means or FSQ); its patch
@@ -270,12 +314,6 @@ class BEiTTask(MaskedImageModeling):
   def pretraining_model(self):
     return beit.BEiT(encoder=self.encoder_spec(), codebook_size=self.tokenizer()[0].codebook_size)
 
-  def batch_fields(self):
-    return BlockMasks(self.masks)
-
-  def frozen_params(self):
-    return {"tokenizer": self.tokenizer()[1]}
-
   def codes(self, frozen, images):
     tok = self.tokenizer()[0]
     return jax.lax.stop_gradient(tok.encode(frozen["tokenizer"], jnp.asarray(images, jnp.float32)))
@@ -283,34 +321,6 @@ class BEiTTask(MaskedImageModeling):
   def init_params(self, rng, batch):
     mask = jnp.asarray(batch["patch_mask"])
     return self.model.init(rng, batch["image"], jnp.zeros(mask.shape, jnp.int32), mask)["params"]
-
-  def forward(self, params, frozen, batch, rng, *, train: bool):
-    """(loss, logits, mask, codes) of the batch."""
-    codes = self.codes(frozen, batch["image"])
-    rngs = {"dropout": rng} if train else {}
-    loss, logits, mask = self.model.apply({"params": params}, batch["image"], codes,
-                                          batch["patch_mask"], train=train, rngs=rngs)
-    return loss, logits, mask, codes
-
-  def loss(self, params, frozen, batch, rng, step, progress):
-    loss, logits, mask, codes = self.forward(params, frozen, batch, rng, train=True)
-    correct, count = beit.code_accuracy(logits, codes, mask)
-    return loss, {"loss": loss, "masked_share": mask.mean(),
-                  "code_accuracy": correct.sum() / jnp.maximum(count.sum(), 1.0)}
-
-  def eval_sums(self, params, frozen, batch, rng):
-    _, logits, mask, codes = self.forward(params, frozen, batch, rng, train=False)
-    total, count = beit.per_example_loss(logits, codes, mask)
-    correct, _ = beit.code_accuracy(logits, codes, mask)
-    weight = batch["mask"].astype(jnp.float32)
-    count = jnp.maximum(count, 1.0)
-    return {"loss_sum": jnp.sum(total / count * weight),
-            "code_accuracy_sum": jnp.sum(correct / count * weight),
-            "masked_share_sum": jnp.sum(mask.mean(axis=1) * weight), "count": jnp.sum(weight),
-            "code_counts": tokenizer_common.code_counts(codes, weight, logits.shape[-1])}
-
-  def eval_summary(self, totals):
-    return tokenizer_common.summary_with_usage(totals, super().eval_summary, prefix="target_")
 
   def reconstruct(self, params, batch):
     # The tokenizer's decoding of the codes the model predicts (visible patches keep their own).

@@ -57,8 +57,35 @@ class ClipMasks:
     return batch
 
 
+class ClipPreview:
+  """Previews of a clip task: `preview` cuts the batch to `preview_examples` clips and asks
+  the task's `reconstruct(params, batch)` -> (clips [B, T, H, W, C], token mask [B, L]);
+  `write_preview` draws per clip three rows of frames (original, masked, reconstruction)."""
+
+  def preview(self, params, batch):
+    k = min(self.preview_examples, batch["image"].shape[0])
+    batch = {key: v[:k] for key, v in batch.items()}
+    clips = batch["image"].astype(jnp.float32)
+    reconstruction, mask = self.reconstruct(params, batch)
+    c = clips.shape[-1]
+    pixel_mask = self.grid.unpatchify(
+        jnp.repeat(mask[..., None], self.grid.patch_dim(c), axis=-1), c)
+    return {"original": clips, "masked": clips * (1 - pixel_mask), "pixel_mask": pixel_mask,
+            "reconstruction": reconstruction}
+
+  def write_preview(self, arrays, directory, step: int):
+    """previews/reconstructions_<step>.png and previews/reconstructions.png."""
+    picture = visualize.clip_reconstruction_grid(arrays["original"], arrays["pixel_mask"],
+                                                 arrays["reconstruction"])
+    folder = paths.resolve(directory) / "previews"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = visualize.png_bytes(picture, scale=max(1, 128 // arrays["original"].shape[2]))
+    for name in (f"reconstructions_{step:06d}.png", "reconstructions.png"):
+      (folder / name).write_bytes(data)
+
+
 @base.register("videomae")
-class VideoMAETask(MaskedImageModeling):
+class VideoMAETask(ClipPreview, MaskedImageModeling):
   """VideoMAE pretraining (vitoken.models.videomae) with tube or frame masks from the pipeline."""
   takes_clips = True
 
@@ -142,25 +169,3 @@ class VideoMAETask(MaskedImageModeling):
     order = jnp.argsort(1 - mask, axis=1, stable=True)[:, :pred.shape[1]]
     rows = jnp.arange(tubes.shape[0])[:, None]
     return tubes.at[rows, order].set(pred.astype(tubes.dtype))
-
-  def preview(self, params, batch):
-    k = min(self.preview_examples, batch["image"].shape[0])
-    batch = {key: v[:k] for key, v in batch.items()}
-    clips = batch["image"].astype(jnp.float32)
-    reconstruction, mask = self.reconstruct(params, batch)
-    c = clips.shape[-1]
-    pixel_mask = self.grid.unpatchify(
-        jnp.repeat(mask[..., None], self.grid.patch_dim(c), axis=-1), c)
-    return {"original": clips, "masked": clips * (1 - pixel_mask), "pixel_mask": pixel_mask,
-            "reconstruction": reconstruction}
-
-  def write_preview(self, arrays, directory, step: int):
-    """previews/reconstructions_<step>.png and previews/reconstructions.png: per clip, three
-    rows of frames (original, masked, reconstruction with the visible tubelets pasted back)."""
-    picture = visualize.clip_reconstruction_grid(arrays["original"], arrays["pixel_mask"],
-                                                 arrays["reconstruction"])
-    folder = paths.resolve(directory) / "previews"
-    folder.mkdir(parents=True, exist_ok=True)
-    data = visualize.png_bytes(picture, scale=max(1, 128 // arrays["original"].shape[2]))
-    for name in (f"reconstructions_{step:06d}.png", "reconstructions.png"):
-      (folder / name).write_bytes(data)

@@ -122,9 +122,15 @@ class Reducer(nn.Module):
   stages: ClassVar[Tuple[str, ...]] = (POST_ATTN,)
   needs: ClassVar[FrozenSet[str]] = frozenset()
   changes_shape: ClassVar[bool] = True  # False lets the ViT scan over layers
-  # True: what it keeps is still `state.slices` equal groups in time order (a tube mask);
-  # otherwise a change of the token count over all tokens leaves them unordered by slice.
+  # True: the `slices` of the state it returns are right as they are (a tube mask keeps them;
+  # TESTA merges whole slices and sets them); otherwise a change of the token count over all
+  # tokens leaves them unordered by slice, and `run_reducer` sets them to 1.
   keeps_slices: ClassVar[bool] = False
+  # True: it may change how many sequences of each example lie along the batch axis and how
+  # many protected tokens lead each (`TokenState.sequences`, `num_prefix`; TempMe runs frames
+  # as sequences and regroups them). Both stay static; a reducer that does not declare it
+  # must leave them as they are, and the ViT joins the sequences after the last block.
+  regroups: ClassVar[bool] = False
   proportional_attention: ClassVar[bool] = False  # add log(size) to attention logits
   track_source: ClassVar[bool] = False  # ask the ViT to initialise TokenState.source
   rng_streams: ClassVar[FrozenSet[str]] = frozenset()  # rng streams it draws from, also in eval
@@ -184,6 +190,9 @@ def run_reducer(reducer: Reducer, state: TokenState, info: BlockInfo, *, train: 
   on each slice as its own sequence (`TokenState.fold_slices`; the block information folded
   alike, the class token's attention restricted to the slice), so any method can act within
   frames. A reducer over all tokens that changes their count leaves them unordered by slice."""
+  if reducer.per_slice and reducer.regroups:
+    raise ConfigError(f"{reducer.where}: {reducer.method_name()} regroups sequences of time "
+                      "slices itself; it cannot run per_slice")
   if reducer.per_slice and state.slices > 1:
     folded, prefix = state.fold_slices()
 
@@ -197,6 +206,10 @@ def run_reducer(reducer: Reducer, state: TokenState, info: BlockInfo, *, train: 
                         "a time slice; it cannot run per_slice")
     return state.unfold_slices(new, prefix), aux
   new, aux = reducer(state, info, train=train)
+  if not reducer.regroups and (new.sequences, new.num_prefix) != (state.sequences, state.num_prefix):
+    raise ConfigError(f"{reducer.where}: {reducer.method_name()} changed the sequences per example "
+                      f"or the protected tokens ({state.sequences}, {state.num_prefix} -> "
+                      f"{new.sequences}, {new.num_prefix}) without declaring `regroups`")
   if state.slices > 1 and new.num_tokens != state.num_tokens and not reducer.keeps_slices:
     new = new.replace(slices=1)
   return new, aux

@@ -52,6 +52,11 @@ class TokenState:
   # The unprotected tokens form `slices` equal groups in time order (a video's time slices:
   # grid.frames at the start); 1 once a reducer has mixed tokens across slices.
   slices: int = flax.struct.field(pytree_node=False, default=1)
+  # How many sequences of each example lie along the batch axis (example-major: rows
+  # [i * sequences, (i + 1) * sequences) are example i's). 1 but after a reducer that runs
+  # frames as sequences of their own (TempMe, `split_slices` / `group_sequences`); the ViT
+  # joins them back into one per example after the last block.
+  sequences: int = flax.struct.field(pytree_node=False, default=1)
 
   def __post_init__(self):
     if not isinstance(self.grid, PatchGrid):
@@ -190,6 +195,57 @@ class TokenState:
     """An array laid out as the tokens, [B, P + T*n, ...], folded as `fold_slices` folds the
     tokens: [B*T, n, ...], the prefix dropped (per-token block information, for example)."""
     return a[:, self.num_prefix:].reshape((a.shape[0] * self.slices, -1) + a.shape[2:])
+
+  def split_slices(self) -> "TokenState":
+    """Each time slice as a sequence of its own, with a copy of the protected tokens in front:
+    [B*S, P + T*n, ...] -> [B*S*T, P + n, ...] (`sequences` times T, `slices` 1, the slice's
+    grid). Unlike `fold_slices` the copies stay: the sequences run through the blocks as
+    images would (TempMe). Global carries pass through."""
+    if self.slices == 1:
+      return self
+    n = self.num_tokens - self.num_prefix
+    if n % self.slices:
+      raise ValueError(f"{n} unprotected tokens do not split into {self.slices} time slices")
+    return self.map_tokens(self.split_array).replace(
+        slices=1, sequences=self.sequences * self.slices, grid=self.grid.slice_grid())
+
+  def split_array(self, a):
+    """An array laid out as the tokens, [B, P + T*n, ...], split as `split_slices` splits the
+    tokens: [B*T, P + n, ...], the leading P rows copied to every slice."""
+    t, p = self.slices, self.num_prefix
+    b, n = a.shape[0], (a.shape[1] - p) // t
+    head = jnp.broadcast_to(a[:, None, :p], (b, t, p) + a.shape[2:])
+    tail = a[:, p:].reshape((b, t, n) + a.shape[2:])
+    return jnp.concatenate([head, tail], axis=2).reshape((b * t, p + n) + a.shape[2:])
+
+  def group_sequences(self, group: int) -> "TokenState":
+    """Joins each run of `group` consecutive sequences into one: the protected tokens of all
+    of them first, then their unprotected tokens in sequence order (TempMe's regrouping of
+    frames): [B*S, P + n, ...] -> [B*S/group, group*P + group*n, ...]. `num_prefix` becomes
+    group*P, `sequences` S/group, `slices` group (the joined sequences were time slices)."""
+    if group == 1:
+      return self
+    if self.sequences % group:
+      raise ValueError(f"{self.sequences} sequences per example do not split into groups of "
+                       f"{group}")
+    p = self.num_prefix
+
+    def join(a):
+      rows, n = a.shape[:2]
+      a = a.reshape((rows // group, group, n) + a.shape[2:])
+      head = a[:, :, :p].reshape((rows // group, group * p) + a.shape[3:])
+      tail = a[:, :, p:].reshape((rows // group, group * (n - p)) + a.shape[3:])
+      return jnp.concatenate([head, tail], axis=1)
+
+    grid = self.grid
+    if grid.ndim == 2:
+      grid = PatchGrid((1,) + grid.patch, (group,) + grid.grid)
+    return self.map_tokens(join).replace(num_prefix=group * p, sequences=self.sequences // group,
+                                         slices=group * self.slices, grid=grid)
+
+  def join_sequences(self) -> "TokenState":
+    """One sequence per example (`group_sequences` over all of its sequences)."""
+    return self.group_sequences(self.sequences)
 
   def unfold_slices(self, folded: "TokenState", prefix: "TokenState") -> "TokenState":
     """The inverse of `fold_slices` after a reducer ran on the folded state: [B*T, n', ...]

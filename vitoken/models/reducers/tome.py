@@ -168,18 +168,23 @@ def merge(m: Matching, x, mode: str = "sum", impl: str = "scatter"):
   return jnp.concatenate(prefix + [unm[:, m.num_prefix_a:], bb[:, m.num_prefix_b:]], axis=1)
 
 
-def merge_state(m: Matching, state: base.TokenState, impl: str = "scatter") -> base.TokenState:
-  """Size-weighted average of tokens, summed sizes, max-merged sources, kept ids; per-token
-  carried arrays merge by their own mode ("mean" is size-weighted like the tokens)."""
+def check_mergeable(state: base.TokenState, method: str = "tome"):
+  """Merging needs every token present and unweighted: refuses a keep policy or a mask."""
   if state.policy is not None:
     raise ConfigError(
-        "tome: the token state carries a keep policy (DynamicViT in training keeps every token "
+        f"{method}: the token state carries a keep policy (DynamicViT in training keeps every token "
         "and weights attention by its keep decisions), which merging cannot follow. Merge "
         "before DynamicViT, or prune with evit or topk, which gather in training too "
         "(DynamicViT gathers at inference, where ToMe may follow it)")
   if state.mask is not None:
-    raise ConfigError("tome: the token state has a mask (tokens dropped or padded per example), "
+    raise ConfigError(f"{method}: the token state has a mask (tokens dropped or padded per example), "
                       "which merging cannot follow; merging needs tokens gathered away first")
+
+
+def merge_state(m: Matching, state: base.TokenState, impl: str = "scatter") -> base.TokenState:
+  """Size-weighted average of tokens, summed sizes, max-merged sources, kept ids; per-token
+  carried arrays merge by their own mode ("mean" is size-weighted like the tokens)."""
+  check_mergeable(state)
   size = state.size[..., None]
   new_size = merge(m, size, "sum", impl)
 

@@ -90,15 +90,16 @@ def loss(videos, pred, mask, patch: Sequence[int], norm_target: bool = True, *, 
 MASKING_ENTRY = "masking"
 
 
-def encoder_fields(fields: Any) -> Dict[str, Any]:
-  """ViT fields of VideoMAE's pretraining encoder: no class token, the fixed 1-D table, and no
-  pooling or head; a video patch (t, p, p) is required."""
+def encoder_fields(fields: Any, method: str = "VideoMAE") -> Dict[str, Any]:
+  """ViT fields of a video pretraining encoder (VideoMAE's; VIOLET's alike, so that one
+  fine-tuning stage loads either): no class token, the fixed 1-D table, and no pooling or
+  head; a video patch (t, p, p) is required."""
   fields = mae.encoder_fields({"class_token": False, "posemb": "sincos1d",
-                               **(dict(fields) if fields else {})}, "VideoMAE")
+                               **(dict(fields) if fields else {})}, method)
   patch = fields.get("patch_size")
   if patch is None or len(tuple(patch)) != 3:
-    raise ConfigError(f"the VideoMAE encoder needs a tubelet patch (t, p, p), e.g. variant "
-                      f"'B/16x2'; got patch_size {patch}")
+    raise ConfigError(f"the {method} encoder reads clips: config.model needs a tubelet patch_size "
+                      f"(t, p, p), e.g. (4, 8, 8) or variant 'B/16x2'; got patch_size {patch}")
   return fields
 
 

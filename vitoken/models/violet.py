@@ -20,8 +20,8 @@ from typing import Any, Dict, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vitoken.errors import ConfigError, InputError
-from vitoken.models import beit, mae, simmim
+from vitoken.errors import InputError
+from vitoken.models import beit, mae, simmim, videomae
 
 
 def tubelet_codes(frame_codes, tubelet: int):
@@ -67,26 +67,14 @@ def code_accuracy(logits, codes, mask):
   return beit.code_accuracy(*_flat(logits, codes, mask))
 
 
-def encoder_fields(fields: Any) -> Dict[str, Any]:
-  """The pretraining encoder's ViT fields: VideoMAE's defaults (no class token, the fixed 1-D
-  table) so that `configs/video.py:stage=finetune` loads it as it loads VideoMAE's; a
-  (t, p, p) patch is required."""
-  fields = mae.encoder_fields({"class_token": False, "posemb": "sincos1d",
-                               **(dict(fields) if fields else {})}, "VIOLET")
-  patch = fields.get("patch_size")
-  if patch is None or len(tuple(patch)) != 3:
-    raise ConfigError(f"the VIOLET encoder reads clips: config.model needs a tubelet patch_size "
-                      f"(t, p, p), e.g. (4, 8, 8); got patch_size {patch}")
-  return fields
-
-
 class VIOLET(nn.Module):
   """`apply(variables, clips, codes, mask, train=False)` -> (loss, logits [B, L, t, K], mask)."""
   encoder: Any = None  # video ViT fields with a (t, p, p) patch
   codebook_size: int = 512
 
   def encoder_config(self) -> Dict[str, Any]:
-    return encoder_fields(self.encoder)
+    # VideoMAE's encoder defaults, so `configs/video.py:stage=finetune` loads either.
+    return videomae.encoder_fields(self.encoder, "VIOLET")
 
   def encoder_model(self, name: Optional[str] = None):
     return mae.pretraining_encoder(self.encoder_config(),

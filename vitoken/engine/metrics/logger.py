@@ -200,6 +200,18 @@ class _WithoutOrbax(std_logging.Filter):
 _ORBAX_FILTER = _WithoutOrbax()
 
 
+class _WithoutOrbaxTasks(std_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's write tasks: when one
+  write fails (a full disk), orbax stops waiting for the others, and asyncio logs each of
+  their failures with a traceback when it collects them, sometimes after the one-line error."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.getMessage()
+
+
+_ORBAX_TASKS_FILTER = _WithoutOrbaxTasks()
+
+
 def _unraisablehook_without_closed_loops(hook):
   """After a save fails, orbax closes its event loop and TensorStore reports every write still
   pending as an unraisable "Event loop is closed" (hundreds of traceback lines); the failure
@@ -221,9 +233,11 @@ def quiet_libraries(verbose: bool) -> None:
   if verbose:
     logging.set_verbosity(logging.INFO)
     absl_logger.removeFilter(_ORBAX_FILTER)
+    std_logging.getLogger("asyncio").removeFilter(_ORBAX_TASKS_FILTER)
     return
   logging.set_verbosity(logging.WARNING)
   absl_logger.addFilter(_ORBAX_FILTER)
+  std_logging.getLogger("asyncio").addFilter(_ORBAX_TASKS_FILTER)
   if not getattr(sys.unraisablehook, "quiet_closed_loops", False):
     sys.unraisablehook = _unraisablehook_without_closed_loops(sys.unraisablehook)
   std_logging.getLogger().setLevel(std_logging.WARNING)

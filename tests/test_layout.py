@@ -18,7 +18,7 @@ FLOORS = {
     "settings": 0, "paths": 0, "errors": 0, "cli": 0,
     "data": 1,
     "models": 2, "visualize": 2,
-    "convert": 3,
+    "convert": 3, "vlm": 3,
     "engine": 4,
     "bench": 5, "tasks": 5,
     "train": 6, "loading": 6, "evaluate": 6,

@@ -57,7 +57,7 @@ def _check_small(config, where):
   assert config.schedule.warmup_steps < config.total_steps, where
   assert config.eval_every_steps <= config.total_steps, where
   assert config.data.image_size <= 64, where
-  assert config.data.name in ("cluttered_digits", "moving_digits/tiny"), where
+  assert config.data.name in ("cluttered_digits", "moving_digits/tiny", "digit_scenes/tiny"), where
   model = config.model.to_dict()
   assert model.get("width", 0) <= 64 and model.get("depth", 0) <= 8, where
 

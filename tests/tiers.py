@@ -33,6 +33,7 @@ TRAINED_RUN_FIXTURES = (
     "kmeans_run",  # test_tokenizers: a 12-step k-means fit
     "run",  # test_loading: a 4-step run (the file is slow anyway)
     "runs_by_devices",  # test_checkpoints_travel: 4-step runs on 8 devices and on 1 (subprocess)
+    "vqa_encoder",  # test_visual_qa: a 120-step digit-presence encoder (runlocal)
 )
 
 # Other fixtures that take long to set up; their users are slow too.

@@ -28,34 +28,54 @@ class _SubtreeError(ValueError):
   pass
 
 
+# Where a training checkpoint keeps its params, and where a two-tower model (SigLIP, LiT,
+# CLIP-style image_text) keeps its image tower beside `txt/` and the loss's `t`/`b`.
+_WRAPPERS = ("params/", "opt/target/")
+_IMAGE_TOWER = "img/"
+
+
 def _top_prefixes(names):
-  return sorted({n.split("/", 1)[0] + "/" for n in names if "/" in n})
+  """The checkpoint's top-level folders, one level deeper under a training wrapper (where a
+  two-tower's `img/` and `txt/` sit)."""
+  tops = set()
+  for n in names:
+    wrapper = next((w for w in _WRAPPERS if n.startswith(w)), "")
+    rest = n[len(wrapper):]
+    if "/" in rest:
+      tops.add(wrapper + rest.split("/", 1)[0] + "/")
+  return sorted(tops)
 
 
 def _select(names, prefix: Optional[str], where: str) -> Dict[str, str]:
   """Maps the ViT's parameter names to the checkpoint's names.
 
   `prefix` (from `path.npz:prefix`, as big_vision's two-tower `load` takes `path:img`)
-  selects the keys under `prefix/`. Without one, a training checkpoint that wraps the
-  params under `params/` or `opt/target/` is unwrapped.
+  selects the keys under `prefix/`, also inside a training checkpoint's `params/` or
+  `opt/target/`. Without one, a training checkpoint's wrapper is unwrapped, and a two-tower
+  checkpoint's image tower (`img/`, e.g. SigLIP's `params/img/`) is picked.
   """
   names = list(names)
   if prefix is not None:
-    prefix = prefix.strip("/")
-    sel = {n[len(prefix) + 1:]: n for n in names if n.startswith(prefix + "/")}
+    prefix = prefix.strip("/") + "/"
+    sel, root = {}, ""
+    for root in ("",) + _WRAPPERS:
+      sel = {n[len(root + prefix):]: n for n in names if n.startswith(root + prefix)}
+      if sel:
+        break
     if not sel:
-      raise _SubtreeError(f"{where}: no keys under {prefix + '/'!r}; the checkpoint's "
+      raise _SubtreeError(f"{where}: no keys under {prefix!r}; the checkpoint's "
                           f"prefixes are {_top_prefixes(names)}")
-    logging.info("big_vision checkpoint %s: using the subtree %r", where, prefix + "/")
+    logging.info("big_vision checkpoint %s: using the subtree %r", where, root + prefix)
     mapping = sel
   else:
+    prefix = ""
     mapping = {n: n for n in names}
   if "embedding/kernel" not in mapping:
-    for wrapper in ("params/", "opt/target/"):
-      if wrapper + "embedding/kernel" in mapping:
+    for root in _WRAPPERS + (_IMAGE_TOWER,) + tuple(w + _IMAGE_TOWER for w in _WRAPPERS):
+      if root + "embedding/kernel" in mapping:
         logging.info("big_vision checkpoint %s: using the params under %r", where,
-                     (prefix + "/" if prefix else "") + wrapper)
-        return {k[len(wrapper):]: v for k, v in mapping.items() if k.startswith(wrapper)}
+                     prefix + root)
+        return {k[len(root):]: v for k, v in mapping.items() if k.startswith(root)}
   return mapping
 
 
@@ -165,18 +185,27 @@ def from_big_vision(npz_path_or_dict: Union[str, os.PathLike, Dict[str, Any]],
   """Builds the vitoken ViT for a big_vision checkpoint and converts its weights.
 
   Args:
-    npz_path_or_dict: path of a big_vision `.npz`, or its (flat '/'-joined or nested) dict.
+    npz_path_or_dict: path of a big_vision `.npz`, or its (flat '/'-joined or nested) dict. A
+      two-tower checkpoint (SigLIP, LiT) loads its image tower, found under `img/` (also
+      inside `params/`), or the subtree that `path.npz:img` names.
     variant: e.g. "B/16"; sets the head count (which a checkpoint does not record). Width,
       depth, MLP size and patch size are read from the weights.
     image_size: resolution to run at; the learned position embedding is resized to it.
     posemb_resize: "big_vision" (scipy.ndimage.zoom, order 1, as big_vision's
       resample_posemb) or a jax.image.resize method (timm's way).
-    **overrides: ViT fields, e.g. token_reduction={...}, dtype=jnp.bfloat16, scan=True.
+    **overrides: ViT fields, e.g. token_reduction={...}, dtype=jnp.bfloat16, scan=True;
+      num_classes=0 leaves out the checkpoint's head (features only).
 
   Returns:
     (module, params).
   """
   flat = _unstack_scanned(_load(npz_path_or_dict))
+  if overrides.get("num_classes") == 0 and "head/kernel" in flat:
+    # Features only: the head (a two-tower's projection into the joint embedding space, or a
+    # classifier) is left out; the pooled features are the model's output.
+    logging.info("big_vision checkpoint: num_classes=0 leaves out its head %s",
+                 flat["head/kernel"].shape)
+    flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
   if "embedding/kernel" not in flat:
     raise ValueError("not a big_vision ViT checkpoint: no embedding/kernel "
                      f"(keys start with {sorted(flat)[:5]})")
@@ -245,10 +274,11 @@ def to_big_vision(module: vit.VisionTransformer, params) -> Dict[str, np.ndarray
   """Exports params of a big_vision-compatible ViT (class token or gap/map, no registers,
   no layer scale, no prefix positions) as a flat '/'-named dict for `np.savez`."""
   if module.num_registers or module.layer_scale_init is not None or module.posemb_prefix \
-      or module.fc_norm or module.pre_norm or not module.qkv_bias or module.posemb == "sincos2d_mae":
+      or module.fc_norm or module.pre_norm or not module.qkv_bias \
+      or module.posemb == "sincos2d_mae" or module.mlp_activation == "quick_gelu":
     raise ValueError("this ViT has parts big_vision's vit.py lacks (registers, layer scale, "
-                     "fc_norm, pre_norm, prefix positions, no qkv bias, or MAE's sin-cos table, "
-                     "which big_vision would replace by its own)")
+                     "fc_norm, pre_norm, prefix positions, no qkv bias, QuickGELU, or MAE's "
+                     "sin-cos table, which big_vision would replace by its own)")
   tree = layout.to_unscanned(params) if module.scan else params
   flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
   out: Dict[str, np.ndarray] = {}

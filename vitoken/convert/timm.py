@@ -8,6 +8,9 @@ from vitoken.convert import common
 from vitoken.models import posemb as posemb_lib, variants
 
 _POOL = {"token": "tok", "avg": "gap", "map": "map", "": "none"}
+# Activation modules by class name (timm.layers.activations, open_clip's QuickGELU); "GELU"
+# is read from its `approximate`.
+_ACTIVATIONS = {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
 
 
 def _numpy(v) -> np.ndarray:
@@ -16,26 +19,47 @@ def _numpy(v) -> np.ndarray:
   return np.asarray(v, np.float32)
 
 
+def _activation(act, where: str) -> str:
+  """vitoken's `mlp_activation` name for a timm (or torch, or open_clip) activation module."""
+  kind = type(act).__name__
+  if kind == "GELU":  # torch's nn.GELU(approximate=...) or timm's own exact one
+    return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+  if kind in _ACTIVATIONS:
+    return _ACTIVATIONS[kind]
+  raise ValueError(f"timm model's {where} activation is {kind}; vitoken's ViT supports "
+                   f"{sorted(set(_ACTIVATIONS) | {'GELU'})} (mlp_activation "
+                   "'gelu', 'gelu_tanh', 'quick_gelu')")
+
+
 def _module_facts(model) -> Dict[str, Any]:
-  """Architecture facts a state dict cannot tell (head count, GELU form, pooling, image size)."""
+  """Architecture facts a state dict cannot tell (head count, MLP activation, pooling, image
+  size)."""
   block = model.blocks[0]
   for unsupported in ("q_norm", "k_norm"):
     if type(getattr(block.attn, unsupported, None)).__name__ not in ("Identity", "NoneType"):
       raise ValueError(f"timm model uses attn.{unsupported} (QK-norm), which vitoken's ViT lacks")
-  act = getattr(block.mlp, "act", None)
-  if type(act).__name__ != "GELU":
-    raise ValueError(f"timm model's MLP activation is {type(act).__name__}; vitoken supports GELU")
+  # vitoken has one activation for every MLP (blocks and the MAP head), as timm builds them.
+  acts = {f"blocks.{i}.mlp": _activation(getattr(b.mlp, "act", None), f"blocks.{i}.mlp")
+          for i, b in enumerate(model.blocks)}
+  pool_mlp = getattr(getattr(model, "attn_pool", None), "mlp", None)
+  if pool_mlp is not None:
+    acts["attn_pool.mlp"] = _activation(getattr(pool_mlp, "act", None), "attn_pool.mlp")
+  if len(set(acts.values())) > 1:
+    raise ValueError(f"timm model mixes MLP activations, which vitoken's ViT cannot: {acts}")
+  act = acts["blocks.0.mlp"]
   if model.global_pool not in _POOL:
     raise ValueError(f"timm global_pool={model.global_pool!r} is not supported; "
                      f"use one of {sorted(_POOL)}")
   facts = dict(
       num_heads=block.attn.num_heads,
-      gelu_approximate=getattr(act, "approximate", "none") == "tanh",
+      gelu_approximate=act == "gelu_tanh",
       layer_norm_eps=block.norm1.eps,
       pool_type=_POOL[model.global_pool],
       pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
       posemb_prefix=not getattr(model, "no_embed_class", False),
   )
+  if act == "quick_gelu":  # GELUs keep mlp_activation=None: the models built before it existed
+    facts["mlp_activation"] = act
   img_size = getattr(model.patch_embed, "img_size", None)
   if img_size is not None:
     facts["image_size"] = tuple(img_size)
@@ -167,8 +191,11 @@ def from_timm(model_or_state_dict, *, image_size: Optional[common.ImageSize] = N
     image_size: resolution to run at; learned position embeddings are resized when it differs
       from the checkpoint's.
     num_heads: needed only for a state dict of non-standard width.
+      A state dict does not tell the MLP activation either: it is taken as exact GELU; pass
+      mlp_activation="quick_gelu" for OpenAI CLIP weights (a model is read for itself).
     posemb_resize: jax.image.resize method for that resize.
-    **overrides: ViT fields, e.g. token_reduction={...}, dtype=jnp.bfloat16, scan=True.
+    **overrides: ViT fields, e.g. token_reduction={...}, dtype=jnp.bfloat16, scan=True;
+      num_classes=0 leaves out the head (features only).
 
   Returns:
     (module, params); `module.apply({"params": params}, images_nhwc)` is deterministic inference.
@@ -180,6 +207,9 @@ def from_timm(model_or_state_dict, *, image_size: Optional[common.ImageSize] = N
   else:
     raise ValueError(f"from_timm takes a timm model or a state dict, got {type(model_or_state_dict).__name__}")
   sd = {k: _numpy(v) for k, v in sd.items()}
+  if overrides.get("num_classes") == 0:
+    # Features only, as timm's num_classes=0: the head is left out, the pooled features remain.
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
   if num_heads is not None:
     facts["num_heads"] = num_heads
   arch = _infer_architecture(sd, facts)

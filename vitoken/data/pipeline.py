@@ -102,7 +102,8 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int,
   # random_map draws from the element's position in this process's stream, so the copies of a
   # repeated image (at different positions or processes) are augmented differently.
   dataset = (examples
-             .random_map(transforms.TrainExample(settings, split.channels, split.frames),
+             .random_map(transforms.TrainExample(settings, split.channels, split.frames,
+                                                 split.extra_fields),
                          seed=stream_seed(_EXAMPLE_STREAM))
              .batch(local_batch, drop_remainder=True)
              .random_map(transforms.TrainBatch(settings, split.class_counts),
@@ -134,7 +135,8 @@ def eval_iterator(data_config, *, global_batch_size: int,
   num_batches = math.ceil(len(split.source) / global_batch_size)
   padded = sources.PaddedSource(split.source, num_batches * global_batch_size)
   dataset = (grain.MapDataset.source(padded)[process_index::process_count]
-             .map(transforms.EvalExample(settings, split.channels, split.frames))
+             .map(transforms.EvalExample(settings, split.channels, split.frames,
+                                         split.extra_fields))
              .batch(local_batch, drop_remainder=True)
              .map(transforms.EvalBatch(settings, split.class_counts)))
   dataset = _with_task_fields(dataset, labels, batch_fields,

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from vitoken.data import cluttered_digits, moving_digits, ops  # noqa: F401  (moving_digits: registers its TFDS builder)
+# digit_scenes and moving_digits are imported to register their TFDS builders.
+from vitoken.data import cluttered_digits, digit_scenes, moving_digits, ops  # noqa: F401
 from vitoken.data.config import Settings
 from vitoken.errors import DataError, MissingPathError
 
@@ -75,6 +76,9 @@ class Split:
   label_classes: Tuple[Tuple[str, int], ...]  # (key, classes) per label key
   channels: int
   frames: Optional[int] = None  # clips: frames per clip (the image is [T, H, W, C])
+  # (key, shape, dtype) of the features the batches carry as they are (digit_scenes' question,
+  # answer, qtype, cells): the builder's EXTRA_FEATURES
+  extra_fields: Tuple[Tuple[str, tuple, Any], ...] = ()
 
   @property
   def num_classes(self) -> int:
@@ -156,8 +160,28 @@ def _open_tfds(settings: Settings, split: str) -> Split:
                   "are not all there"))
     frames = (settings.frames if settings.frames is not None
               else frames - settings.first_frame)
-  return Split(source=source, channels=channels, frames=frames,
+  if getattr(builder, "LAYOUT_BOUND_LABELS", False):
+    _check_layout_settings(settings)
+  extra_fields = tuple((k, tuple(features[k].shape), np.dtype(features[k].np_dtype))
+                       for k in getattr(builder, "EXTRA_FEATURES", ()))
+  return Split(source=source, channels=channels, frames=frames, extra_fields=extra_fields,
                label_classes=tuple((k, features[k].num_classes) for k in settings.label_keys))
+
+
+# Settings that move, mirror, cut, erase or mix pixels, with the value that turns each off.
+_LAYOUT_CHANGING = {"flip": False, "random_resized_crop": False, "randaugment": "",
+                    "random_erasing": 0, "mixup_alpha": 0, "cutmix_alpha": 0, "crop_pct": None}
+
+
+def _check_layout_settings(settings: Settings) -> None:
+  """Datasets whose answers depend on where things are (digit_scenes: which cell, how many)
+  refuse the augmentations that would make them wrong, rather than train on wrong answers."""
+  on = [k for k, off in _LAYOUT_CHANGING.items()
+        if getattr(settings, k) != off and not (k == "crop_pct" and settings.crop_pct == 1)]
+  if on:
+    raise DataError(f"dataset {settings.name!r} asks about the layout of its images (which "
+                    f"cell, how many, left or right), which {', '.join(on)} would change; set "
+                    + ", ".join(f"data.{k}={_LAYOUT_CHANGING[k]!r}" for k in on))
 
 
 def _check_clip_settings(settings: Settings) -> None:

@@ -9,7 +9,9 @@ Then, for every task: DropLabels (label-free tasks) and TaskFields (a task's `ba
 
 Both kinds of batch carry "labels" as float32 [B, num_classes]: one-hot (mixed in training),
 and in evaluation an all-zero row where batch["mask"] is False. With several `label_keys`
-the one-hot vectors of the keys sit side by side, in the keys' order.
+the one-hot vectors of the keys sit side by side, in the keys' order. A dataset's extra fields
+(`sources.Split.extra_fields`: digit_scenes' question, answer, qtype, cells) ride along
+unchanged, as zeros in padding.
 
 Clips ([T, H, W, C], datasets whose image feature has 4 dimensions) go through the same ops:
 every random draw (crop box, flip, erased box, cutmix box) is made once per clip and applied
@@ -21,13 +23,16 @@ classes, so they pickle for grain worker processes.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import grain
 import numpy as np
 
 from vitoken.data import ops, randaugment
 from vitoken.data.config import Settings
+
+# (key, shape, dtype) of dataset features carried into the batches as they are (sources.Split).
+ExtraFields = Tuple[Tuple[str, tuple, Any], ...]
 
 # A task's extra batch fields: (batch of numpy arrays, generator) -> batch. Must be picklable
 # (a module-level class or function) for worker_count > 0.
@@ -37,11 +42,13 @@ BatchFields = Callable[[Dict[str, np.ndarray], np.random.Generator], Dict[str, n
 class TrainExample(grain.transforms.RandomMap):
   """Decode, random-resized-crop (or resize), flip and RandAugment one example; stays uint8."""
 
-  def __init__(self, settings: Settings, channels: int, frames: Optional[int] = None):
+  def __init__(self, settings: Settings, channels: int, frames: Optional[int] = None,
+               extra_fields: ExtraFields = ()):
     self._settings = settings
     self._channels = channels
     self._frames = None if frames is None else (settings.first_frame, frames)
     self._randaugment = settings.randaugment_spec()
+    self._extra_fields = tuple(extra_fields)
 
   def random_map(self, example, rng: np.random.Generator):
     s = self._settings
@@ -55,7 +62,8 @@ class TrainExample(grain.transforms.RandomMap):
       image = ops.random_flip(image, rng)
     if self._randaugment is not None:  # after crop and flip, as timm's training transform
       image = randaugment.apply(image, self._randaugment, rng)
-    return {"image": image, "label": _labels(example, s.label_keys)}
+    return {"image": image, "label": _labels(example, s.label_keys),
+            **_extras(example, self._extra_fields)}
 
 
 def _decode(value, channels: int, frames: Optional[Tuple[int, int]]) -> np.ndarray:
@@ -70,6 +78,18 @@ def _decode(value, channels: int, frames: Optional[Tuple[int, int]]) -> np.ndarr
 def _labels(example, keys) -> np.ndarray:
   """int32 [K]: the example's label per key (batched to [B, K])."""
   return np.array([example[k] for k in keys], np.int32)
+
+
+def _extras(example, fields: ExtraFields) -> Dict[str, np.ndarray]:
+  """The extra fields of an example, or zeros of their shapes for padding (example None)."""
+  if example is None:
+    return {k: np.zeros(shape, dtype) for k, shape, dtype in fields}
+  return {k: np.asarray(example[k], dtype).reshape(shape) for k, shape, dtype in fields}
+
+
+def _passed_on(batch, used) -> Dict[str, np.ndarray]:
+  """The batch's extra fields: what the batch transforms pass on untouched."""
+  return {k: v for k, v in batch.items() if k not in used}
 
 
 class TrainBatch(grain.transforms.RandomMap):
@@ -93,7 +113,7 @@ class TrainBatch(grain.transforms.RandomMap):
                                   s.random_erasing_count)
     images, labels = ops.mix_batch(images, labels, rng, mixup_alpha=s.mixup_alpha,
                                    cutmix_alpha=s.cutmix_alpha, mix_prob=s.mix_prob)
-    return {"image": images, "labels": labels}
+    return {"image": images, "labels": labels, **_passed_on(batch, ("image", "label"))}
 
 
 class EvalExample(grain.transforms.Map):
@@ -101,27 +121,32 @@ class EvalExample(grain.transforms.Map):
   example of a `PaddedSource`; padding becomes a zero image with label 0 and mask False
   (EvalBatch zeroes its one-hot row)."""
 
-  def __init__(self, settings: Settings, channels: int, frames: Optional[int] = None):
+  def __init__(self, settings: Settings, channels: int, frames: Optional[int] = None,
+               extra_fields: ExtraFields = ()):
     self._size = settings.image_size
     self._crop_pct = settings.crop_pct
     self._interpolation = settings.interpolation
     self._channels = channels
     self._frames = None if frames is None else (settings.first_frame, frames)
     self._label_keys = settings.label_keys
+    self._extra_fields = tuple(extra_fields)
 
   def map(self, element):
     example, _ = element
+    extras = _extras(example, self._extra_fields)
     if example is None:
       shape = (self._size, self._size, self._channels)
       return {"image": np.zeros(shape if self._frames is None else (self._frames[1], *shape),
                                 np.uint8),
-              "label": np.zeros(len(self._label_keys), np.int32), "mask": np.bool_(False)}
+              "label": np.zeros(len(self._label_keys), np.int32), "mask": np.bool_(False),
+              **extras}
     image = _decode(example["image"], self._channels, self._frames)
     if self._crop_pct is None:
       image = ops.resize(image, self._size, self._interpolation)
     else:
       image = ops.resize_center_crop(image, self._size, self._crop_pct, self._interpolation)
-    return {"image": image, "label": _labels(example, self._label_keys), "mask": np.bool_(True)}
+    return {"image": image, "label": _labels(example, self._label_keys), "mask": np.bool_(True),
+            **extras}
 
 
 class EvalBatch(grain.transforms.Map):
@@ -137,7 +162,7 @@ class EvalBatch(grain.transforms.Map):
     labels = (ops.one_hot_keys(batch["label"], self._class_counts)
               * mask[:, None].astype(np.float32))
     return {"image": ops.normalize(batch["image"], self._mean, self._std),
-            "labels": labels, "mask": mask}
+            "labels": labels, "mask": mask, **_passed_on(batch, ("image", "label", "mask"))}
 
 
 class DropLabels(grain.transforms.Map):

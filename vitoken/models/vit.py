@@ -86,6 +86,7 @@ class EncoderBlock(nn.Module):
   param_dtype: Any = jnp.float32
   phase: Optional[float] = None  # the schedule phase the reducers see (`BlockInfo.phase`)
   prefix_key_bias: float = 0.0  # added to the class/register tokens' key logits
+  mlp_activation: Optional[str] = None  # `layers.MLP_ACTIVATIONS`; None: GELU per gelu_approximate
 
   @nn.compact
   def __call__(self, state: rbase.TokenState, drop_rate=None, layer_index=None, run=None):
@@ -172,8 +173,8 @@ class EncoderBlock(nn.Module):
     state = run_stage(rbase.POST_ATTN, state, attn)
 
     y = layers.MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype,
-                        self.param_dtype, name="mlp")(norm("norm2")(state.x),
-                                                      deterministic=self.deterministic)
+                        self.param_dtype, self.mlp_activation, name="mlp")(
+                            norm("norm2")(state.x), deterministic=self.deterministic)
     state = state.replace(x=residual(state.x, y, "ls2"))
     state = run_stage(rbase.POST_BLOCK, state, attn)
     if carry_info:
@@ -193,9 +194,12 @@ class MAPHead(nn.Module):
   attention_impl: Optional[str] = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  mlp_activation: Optional[str] = None  # as VisionTransformer.mlp_activation
 
   @nn.compact
-  def __call__(self, x, key_mask=None):
+  def __call__(self, x, key_mask=None, return_probs: bool = False):
+    """x [B, N, C] -> pooled [B, C]; with `return_probs`, (pooled, probs [B, heads, N]): the
+    probe's softmax attention over the N tokens (key_mask respected)."""
     b, _, width = x.shape
     head_dim = width // self.num_heads
     init = dict(kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
@@ -206,12 +210,19 @@ class MAPHead(nn.Module):
     kv = nn.DenseGeneral((2, self.num_heads, head_dim), name="kv", **init)(x)
     y = attention_lib.fused_attention(q, kv[:, :, 0], kv[:, :, 1], key_mask=key_mask,
                                       implementation=self.attention_impl)
+    probs = None
+    if return_probs:
+      # The fused kernel does not expose its softmax; one probe row is cheap to recompute, and
+      # the pooled output stays the fused one (bit-identical with or without the probabilities).
+      mask4 = None if key_mask is None else key_mask[:, None, None, :]
+      probs = attention_lib.attention_probs(q, kv[:, :, 0], key_mask=mask4)[:, :, 0]
     y = nn.DenseGeneral(width, axis=(-2, -1), name="out", **init)(y)
     z = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="norm")(y)
     y = y + layers.MlpBlock(self.mlp_dim, gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="mlp")(z, deterministic=True)
-    return y[:, 0]
+                            param_dtype=self.param_dtype, activation=self.mlp_activation,
+                            name="mlp")(z, deterministic=True)
+    return (y[:, 0], probs) if return_probs else y[:, 0]
 
 
 def _mean_direction(tokens):
@@ -232,7 +243,9 @@ class VisionTransformer(nn.Module):
 
   aux holds: "stem" (patch grid), "blocks" ({block_NN: tokens} or stacked [depth, ...] when
   scanned), "encoded", "pre_logits", "state" (the final TokenState), "losses" (auxiliary
-  losses from reducers, summed by the trainer), "reduction" (reducer records) and, with
+  losses from reducers, summed by the trainer), "reduction" (reducer records), with
+  pool_type "map" "map_attention" (the MAP probe's attention [B, N_pooled] over the tokens it
+  pools, averaged over heads: the patch tokens, or all with `pool_include_prefix`) and, with
   `return_attention`, "attention" (per-layer [B, H, N, N] probabilities).
   """
   num_classes: int = 1000  # 0: no head; the logits are the pooled features
@@ -261,6 +274,9 @@ class VisionTransformer(nn.Module):
   qkv_bias: bool = True
   layer_scale_init: Optional[float] = None
   gelu_approximate: bool = False
+  # The MLP nonlinearity (blocks and MAP head): None keeps GELU (tanh form iff
+  # gelu_approximate); "gelu" (exact), "gelu_tanh", "quick_gelu" (OpenAI CLIP's x*sigmoid(1.702x)).
+  mlp_activation: Optional[str] = None
   layer_norm_eps: float = 1e-6
   rep_size: Optional[int] = None  # tanh pre-logits layer of some i21k checkpoints
   dropout: float = 0.0
@@ -290,7 +306,7 @@ class VisionTransformer(nn.Module):
         gelu_approximate=self.gelu_approximate,
         attention_impl=attention_lib.check_implementation(self.attention_impl),
         dtype=self.dtype, param_dtype=self.param_dtype, num_prefix=self.num_prefix,
-        class_token=self.num_prefix > self.num_registers)
+        class_token=self.num_prefix > self.num_registers, mlp_activation=self.mlp_activation)
 
   def rng_streams(self) -> frozenset:
     """The rng streams `apply` needs besides "dropout" (those the reducers declare)."""
@@ -351,6 +367,7 @@ class VisionTransformer(nn.Module):
                         "model (a 3-element patch_size like (2, 16, 16))")
     if self.width % self.num_heads:
       raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    layers.check_mlp_activation(self.mlp_activation, self.gelu_approximate)
     if self.remat_policy not in (None, "none") and not hasattr(jax.checkpoint_policies, self.remat_policy):
       raise ConfigError(f"unknown remat_policy {self.remat_policy!r}; use a name from "
                         "jax.checkpoint_policies, e.g. 'nothing_saveable'")
@@ -479,7 +496,8 @@ class VisionTransformer(nn.Module):
         context=self.context(), num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
         dropout=self.dropout,
         layer_scale_init=self.layer_scale_init, qkv_bias=self.qkv_bias,
-        gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
+        gelu_approximate=self.gelu_approximate, mlp_activation=self.mlp_activation,
+        layer_norm_eps=self.layer_norm_eps,
         attention_impl=self.attention_impl, return_attention=self.return_attention,
         deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype)
     block_cls = EncoderBlock
@@ -507,7 +525,8 @@ class VisionTransformer(nn.Module):
           drop_path_rate=rates[i], name=_block_name(i), **block_kw)(state, None, None, run)
     return state, outs
 
-  def _pool(self, x, state):
+  def _pool(self, x, state, aux):
+    """The pooled features; what the pooling itself reveals (MAP's attention) goes into aux."""
     p = 0 if self.pool_include_prefix else state.num_prefix
     tokens = x[:, p:]
     mask = None if state.mask is None else state.mask[:, p:]
@@ -526,9 +545,12 @@ class VisionTransformer(nn.Module):
       w = w.astype(tokens.dtype)[..., None]
       return (tokens * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-6)
     if self.pool_type == "map":
-      return MAPHead(self.num_heads, self.mlp_dim or 4 * self.width, self.gelu_approximate,
-                     self.layer_norm_eps, self.attention_impl, self.dtype, self.param_dtype,
-                     name="map_head")(tokens, mask)
+      pooled, probs = MAPHead(self.num_heads, self.mlp_dim or 4 * self.width, self.gelu_approximate,
+                              self.layer_norm_eps, self.attention_impl, self.dtype,
+                              self.param_dtype, self.mlp_activation, name="map_head")(
+                                  tokens, mask, return_probs=True)
+      aux["map_attention"] = probs.mean(axis=1)
+      return pooled
     return x  # "none"
 
   @nn.compact
@@ -583,7 +605,7 @@ class VisionTransformer(nn.Module):
                        name="encoder_norm")(x)
     aux["encoded"] = x
     aux["state"] = state
-    x = self._pool(x, state)
+    x = self._pool(x, state, aux)
     if self.fc_norm:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="fc_norm")(x)

@@ -7,6 +7,7 @@ from vitoken.tasks import (  # noqa: F401  (registration side effects)
                                 tokenizers,
                                 videomae,
                                 violet,
+                                visual_qa,
 )
 from vitoken.tasks.base import (
                                 RESERVED_FIELDS,

@@ -4,6 +4,7 @@ The API (`TokenState`, `Reducer`, `BlockInfo`, `build_plan`, ...) is `base`'s, r
 it lives in `token_state`, `contract` and `plan`.
 """
 from vitoken.models.reducers import (  # noqa: F401  (registration side effects)
+  compression,
   identity,
   lookup,
   masking,

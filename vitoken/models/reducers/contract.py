@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from vitoken.errors import ConfigError
+from vitoken.models import layers
 from vitoken.models.reducers.token_state import TokenState
 
 # Stages at which a reducer can act.
@@ -71,6 +72,8 @@ class ModelContext:
   param_dtype: Any = jnp.float32
   num_prefix: int = 0
   class_token: Optional[bool] = None  # None: unknown (a reducer built outside a ViT)
+  # The ViT's MLP nonlinearity (`layers.MLP_ACTIVATIONS`); None: GELU as gelu_approximate says.
+  mlp_activation: Optional[str] = None
 
   def dense(self, features, **kw) -> nn.Dense:
     return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
@@ -80,6 +83,10 @@ class ModelContext:
 
   def gelu(self, x):
     return nn.gelu(x, approximate=self.gelu_approximate)
+
+  def activation(self, x):
+    """The model's own MLP nonlinearity, for a reducer's MLP that should match the blocks'."""
+    return layers.mlp_activation(self.mlp_activation, self.gelu_approximate)(x)
 
 
 @flax.struct.dataclass

@@ -15,6 +15,8 @@ Arguments (comma-separated):
   lm          qa: small | big (LMS)
   scales      qa with compressor=pool: train at every K of SCALES at once (M3)
   matryoshka  qa with compressor=resampler: the first m queries, m drawn per step (MQT-LLaVA)
+  queries     qa with compressor=resampler: its learned queries M (default k); k < M reads
+              the first k (a Matryoshka run's at any K)
   steps       training steps (default 1500 encoder, 2000 qa)
   runlocal    a seconds-long smoke run (digit_scenes/tiny at 48 px)
 """
@@ -60,7 +62,7 @@ SMOKE = (
 
 def get_config(arg=None):
   arg = parse_arg(arg, stage="qa", encoder="", compressor="none", k=144, lm="small",
-                  scales=False, matryoshka=False, steps=0, runlocal=False)
+                  scales=False, matryoshka=False, queries=0, steps=0, runlocal=False)
   if arg.stage not in STAGES:
     raise ValueError(f"stage must be one of {STAGES}, got {arg.stage!r}")
   c = base_config()
@@ -87,8 +89,13 @@ def get_config(arg=None):
   if arg.matryoshka and arg.compressor != "resampler":
     raise ValueError("matryoshka trains the resampler at a random K per step (MQT-LLaVA); set "
                      "compressor=resampler")
+  entry = compressor(arg.compressor, int(arg.k))
+  if arg.queries:
+    if arg.compressor != "resampler":
+      raise ValueError("queries is the resampler's setting; set compressor=resampler")
+    entry["queries"] = int(arg.queries)
   c.task = dict(name="visual_qa", encoder=dict(path=arg.encoder), feature_layer=FEATURE_LAYER,
-                compressor=compressor(arg.compressor, int(arg.k)), lm=dict(LMS[arg.lm]),
+                compressor=entry, lm=dict(LMS[arg.lm]),
                 scales=SCALES if arg.scales else None, matryoshka=bool(arg.matryoshka))
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.0

@@ -13,6 +13,7 @@ from experiments import (
   tome_accuracy,
   tome_benchmark,
   video,
+  visual_tokens,
 )
 from vitoken.train import trainer
 
@@ -149,3 +150,21 @@ def test_video_trains_evaluates_and_times_every_row(tmp_path):
              if n in video.TRAINED)
   cache = common.load_json(str(tmp_path / "runs" / "evaluations.json"))
   assert set(video.ROWS) <= set(cache)
+
+
+def test_visual_tokens_trains_evaluates_and_times_every_row(tmp_path):
+  rows = visual_tokens.main(["--small", "--workroot", str(tmp_path / "runs"), "--batch", "4",
+                             "--out", str(tmp_path / "out")])
+  names = {r["row"] for r in rows}
+  assert {f"{m} (training-free)" for m in visual_tokens.TRAINING_FREE} <= names
+  assert {f"{m} (trained)" for m in visual_tokens.TRAINED_PER_K} <= names
+  # Every row on the whole tiny test split, with per-type accuracies and a timing.
+  for r in rows:
+    assert r["examples"] == 256 and r["ex/s"] > 0 and r["GFLOPs/ex"] > 0, r
+    assert all(0 <= r[q] <= 1 for q in visual_tokens.QTYPES), r
+  full = next(r for r in rows if r["row"] == "full K")
+  # Fewer visual tokens cost the LM less: every compressed row is cheaper than full K.
+  assert all(r["GFLOPs/ex"] < full["GFLOPs/ex"] for r in rows if r["K"] < full["K"]
+             and r["row"].split()[0] in ("cls_topk", "pool", "tome_to_k")), rows
+  for name in ("visual_tokens_small.md", "visual_tokens_small.json", "visual_tokens_small.png"):
+    assert os.path.exists(tmp_path / "out" / name)

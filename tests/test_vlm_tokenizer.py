@@ -226,3 +226,28 @@ def test_visionzip_on_a_map_head_encoder_takes_its_dominant_tokens_among_the_pat
   top4 = np.sort(np.argsort(-np.asarray(full["map_attention"]), axis=1, kind="stable")[:, :4], 1)
   np.testing.assert_array_equal(aux["ids"][:, :4], top4)
   np.testing.assert_allclose(aux["size"].sum(axis=1), 16.0)
+
+
+def test_a_resampler_with_more_queries_uses_the_first_ones(encoder):
+  """MQT-LLaVA: a resampler of M queries read at K < M gives the first K of its M outputs."""
+  tok, variables, (all_m, _) = tokens_of(encoder, {"method": "resampler", "num_tokens": 16,
+                                                   "num_heads": 4})
+  model, _, images = encoder
+  fewer = vlm.VisualTokenizer(encoder=model, compressor={"method": "resampler", "num_tokens": 4,
+                                                          "queries": 16, "num_heads": 4})
+  first, _ = fewer.apply(variables, images)
+  np.testing.assert_allclose(first, all_m[:, :4], atol=1e-5)
+  masked, aux = tok.apply(variables, images, query_count=jnp.int32(4))
+  np.testing.assert_allclose(masked[:, :4], all_m[:, :4], atol=1e-5)
+  np.testing.assert_array_equal(aux["mask"], np.broadcast_to(np.arange(16) < 4, (2, 16)))
+
+
+def test_prumerge_keeping_no_patch_gives_the_score_weighted_sum_of_all():
+  """K = 1 for the fixed PruMerge: no kept patch, only the extra token, which then sums every
+  patch weighted by its class-attention score."""
+  rng = np.random.RandomState(4)
+  x = jnp.asarray(rng.randn(2, 17, 8).astype(np.float32))
+  q, k = (jnp.asarray(rng.randn(2, 17, 8).astype(np.float32)) for _ in range(2))
+  tokens, ids, mask, scores = compression.prumerge(x, q, k, neighbours=4, num_tokens=0)
+  assert tokens.shape == (2, 1, 8) and np.asarray(mask).all() and (np.asarray(ids) == -1).all()
+  np.testing.assert_allclose(tokens[:, 0], np.einsum("bn,bnc->bc", scores, x[:, 1:]), atol=1e-5)

@@ -158,7 +158,8 @@ class VisualQA(base.Task):
                     **{f"loss/k{k}": v for k, v in zip(self.scales, losses)}}
     count = None
     if self.matryoshka:  # MQT-LLaVA: the first m queries, m even and uniform in [2, M]
-      count = learned.matryoshka_tokens(rng, self.tokenizer_chain()[0]["num_tokens"])
+      entry = self.tokenizer_chain()[0]
+      count = learned.matryoshka_tokens(rng, entry["queries"] or entry["num_tokens"])
     logits, _ = self.logits(params, frozen, batch, train=True, query_count=count)
     loss = lm_lib.answer_loss(logits, batch["answer"]).mean()
     return loss, {"loss": loss, "accuracy": jnp.mean(logits.argmax(-1) == batch["answer"])}

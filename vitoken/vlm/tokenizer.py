@@ -36,7 +36,8 @@ SCORED = ("cls_topk", "visionzip")
 _SETTINGS: Dict[str, Dict[str, Any]] = {
     "prumerge": {"num_tokens": None, "max_tokens": None, "neighbours": 32},
     "token_learner": {"num_tokens": 8, "bottleneck_dim": 64},
-    "resampler": {"num_tokens": 64, "num_heads": 8, "keys": "content"},
+    # `queries`: the learned queries M (default num_tokens); fewer tokens use the first ones.
+    "resampler": {"num_tokens": 64, "num_heads": 8, "keys": "content", "queries": None},
     "quecc": {"num_tokens": 64, "num_heads": 8, "levels": None},
     "pool": {"num_tokens": 64},
 }
@@ -217,9 +218,14 @@ class VisualTokenizer(nn.Module):
                                           param_dtype=self.param_dtype,
                                           name="token_learner")(patches, deterministic=not train)
     elif method == "resampler":
-      new = learned.Resampler(k, patches.shape[-1], entry["num_heads"], keys=entry["keys"],
+      queries = entry["queries"] or k
+      if not isinstance(queries, int) or queries < k:
+        raise ConfigError(f"compressor 'resampler': queries={queries!r} must be an int of at "
+                          f"least num_tokens={k} (the first num_tokens of them are used)")
+      count = query_count if query_count is not None else (k if k < queries else None)
+      new = learned.Resampler(queries, patches.shape[-1], entry["num_heads"], keys=entry["keys"],
                               dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="resampler")(patches, grid, num_tokens=query_count)
+                              name="resampler")(patches, grid, num_tokens=count)
     else:  # quecc
       if text is None:
         raise InputError("compressor 'quecc' compresses with the question: pass text= (the "
@@ -233,8 +239,9 @@ class VisualTokenizer(nn.Module):
     learned_ids = jnp.full((b, new.shape[1]), base.LEARNED_ID, jnp.int32)
     mask = None
     if method == "resampler" and query_count is not None:
+      m = new.shape[1]
       mask = jnp.concatenate([jnp.ones((b, p), bool), jnp.broadcast_to(
-          learned.query_mask(query_count, k), (b, k))], axis=1)
+          learned.query_mask(query_count, m), (b, m))], axis=1)
     aux = dict(aux, ids=jnp.concatenate([aux["ids"][:, :p], learned_ids], axis=1),
                size=jnp.concatenate([aux["size"][:, :p],
                                      jnp.full(learned_ids.shape, patches.shape[1] / new.shape[1])],

@@ -218,7 +218,7 @@ def prumerge(x, q, k, *, num_prefix: int = 1, neighbours: int = 32,
   extra = jnp.einsum("bn,bnc->bc", pruned, weighted, precision=_HI)
   # The extra token goes right after the n kept ones; padding after it.
   slot = jnp.arange(slots + 1)[None]
-  tokens = jnp.concatenate([centres, jnp.zeros_like(centres[:, :1])], axis=1)
+  tokens = jnp.concatenate([centres, jnp.zeros((b, 1, c), centres.dtype)], axis=1)
   tokens = jnp.where((slot == kept[:, None])[..., None], extra[:, None], tokens)
   ids = jnp.concatenate([top + num_prefix, jnp.full((b, 1), base.LEARNED_ID)], axis=1)
   valid_kept = jnp.concatenate([slot_kept, jnp.zeros((b, 1), bool)], axis=1)
